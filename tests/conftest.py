@@ -1,0 +1,15 @@
+import os, shutil, sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def vlmrepro_cmd():
+    "The installed `vlmrepro` command of this environment."
+    exe = Path(sys.executable).parent / "vlmrepro"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vlmrepro.cli"]
