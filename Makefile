@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test gates pytest nbtest export clean-nbs lab help
+.PHONY: install reproduce test gates pytest export clean-nbs docs kernel lab browser help
 
 help:
 	@echo "make reproduce   run every paper notebook in the tiny preset and print the results table"
 	@echo "make test        the CI gates: export and clean leave no diff, nbdev_test, pytest"
+	@echo "make docs        build the documentation site into _docs/ (offline) and screenshot it into results/docs/"
+	@echo "make lab         start JupyterLab on the repository with the project's kernel"
 
 install: $(STAMP)
 
@@ -23,7 +25,7 @@ $(STAMP): settings.ini setup.py pyproject.toml Makefile
 reproduce: install
 	$(BIN)/vlmrepro reproduce
 
-test: install gates pytest
+test: install browser gates pytest
 
 gates: install
 	bash .ci/gates.sh $(BIN)
@@ -31,11 +33,22 @@ gates: install
 pytest: install
 	$(BIN)/pytest -q tests
 
+# Debian's Chromium and its driver for the browser tests (a browser download by a test tool does not work offline).
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || echo "chromium not installed (needs root: apt-get install chromium chromium-driver); browser tests will be skipped"
+
+docs: install browser
+	$(BIN)/vlmrepro docs --screenshots results/docs
+
+kernel: install
+	@$(PY) -m ipykernel install --sys-prefix --name vlmrepro --display-name "vlmrepro (.venv)" >/dev/null
+
+lab: kernel
+	$(BIN)/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
 export: install
 	$(BIN)/nbdev_export
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
 
-lab: install
-	$(BIN)/jupyter lab --notebook-dir=.
