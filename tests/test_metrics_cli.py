@@ -1,0 +1,48 @@
+"The eval CLI on files, as a user runs it: official captions (COCO and VizWiz formats), VQA, and bad input."
+import json, shutil, subprocess, sys
+
+import pytest
+
+from vlmrepro.core import VlmreproError, write_json
+from vlmrepro.metrics.cli import eval_main
+
+RUN = [sys.executable, "-c", "import sys; from vlmrepro.metrics.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    write_json(tmp_path/"coco.json", {"images": [{"id": 1}, {"id": 2}], "annotations": [
+        {"id": 1, "image_id": 1, "caption": "A dog runs on the grass."}, {"id": 2, "image_id": 1, "caption": "A brown dog running."},
+        {"id": 3, "image_id": 2, "caption": "A cat sleeps on a sofa."}, {"id": 4, "image_id": 2, "caption": "A sleeping cat."}]})
+    write_json(tmp_path/"vizwiz.json", {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}], "annotations": [
+        {"image_id": 1, "caption": "A can of soup on a counter.", "is_rejected": False, "is_precanned": False},
+        {"image_id": 1, "caption": "Quality issues are too severe to recognize visual content.", "is_rejected": False, "is_precanned": True},
+        {"image_id": 2, "caption": "A bottle of water.", "is_rejected": False, "is_precanned": False}]})
+    write_json(tmp_path/"pred.json", [{"image_id": 1, "caption": "a dog running on grass"}, {"image_id": 2, "caption": "a cat on a sofa"}])
+    write_json(tmp_path/"vw_pred.json", [{"image_id": 1, "caption": "a can of soup on a counter"}])
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the official path needs Java")
+def test_official_captions_cli(files):
+    run = subprocess.run([*RUN, "captions", "--pred", str(files/"pred.json"), "--gt", str(files/"coco.json"), "--spice"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout)                                 # stdout holds exactly one JSON object
+    assert res["path"] == "official" and set(res) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"}
+
+
+def test_vizwiz_subset_cli(files, capsys):
+    assert eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast", "--subset"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_images"] == 1 and res["Bleu_1"] > 0.99
+    with pytest.raises(VlmreproError, match="--subset"):
+        eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast"])
+
+
+def test_bad_arguments_and_files(files):
+    with pytest.raises(SystemExit): eval_main(["captions", "--gt", str(files/"coco.json")])
+    with pytest.raises(SystemExit): eval_main(["bleu"])
+    with pytest.raises(VlmreproError, match="not valid JSON"):
+        (files/"broken.json").write_text("[{")
+        eval_main(["captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])
