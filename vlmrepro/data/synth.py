@@ -20,10 +20,10 @@ from .shards import write_shards
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'WORDS', 'CLASSES', 'SYNONYMS', 'NUMBER_WORDS', 'PRECANNED', 'SPLIT_BASE',
-           'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'Obj', 'Scene', 'layout_scene', 'shape_polygon', 'object_mask',
-           'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_annotations', 'noisy_answers', 'make_questions',
-           'make_scene', 'caption_sample', 'vqa_samples', 'synth_scenes', 'synth_samples', 'write_split', 'write_world',
-           'synthetic_world', 'world_digest', 'synth_main']
+           'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'Obj', 'Scene', 'layout_scene', 'shape_polygon',
+           'object_mask', 'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_captions', 'vizwiz_annotations',
+           'noisy_answers', 'make_questions', 'make_scene', 'caption_sample', 'vqa_samples', 'synth_scenes',
+           'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest', 'synth_main']
 
 # %% ../../nbs/12_data_synth.ipynb #161c39b4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -210,10 +210,19 @@ def make_captions(sc: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     ]
     return [templates[i % len(templates)]() for i in rng.permutation(len(templates))[:n]]
 
+VIZWIZ_OPENERS = ("a photo of", "a blurry photo of", "a close up photo of", "someone is holding up")
+
+def vizwiz_captions(sc: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+    "VizWiz-style captions: how the photo was taken, then the objects from left to right (COCO-style captions list them in any order)."
+    objs = sorted(sc.objects, key=lambda o: o.center[0])
+    sign = f' with the word "{sc.word}" on a sign' if sc.word else ""
+    return [f"{VIZWIZ_OPENERS[int(rng.integers(len(VIZWIZ_OPENERS)))]} {_join([_phrase(rng, o) for o in objs])}{sign}" for _ in range(n)]
+
 def vizwiz_annotations(sc: Scene, rng: np.random.Generator) -> list[dict]:
-    "VizWiz caption annotations: the five captions plus, sometimes, a precanned or a rejected one."
+    "VizWiz caption annotations: five VizWiz-style captions plus, sometimes, a precanned or a rejected one."
+    style = rng.spawn(1)[0]   # a child generator: the scene's own stream (and every other annotation) is unchanged
     anns = [{"caption": c, "is_precanned": False, "is_rejected": False, "text_detected": bool(sc.word and sc.word in c)}
-            for c in sc.captions]
+            for c in vizwiz_captions(sc, style)]
     if rng.random() < 0.1: anns.append({"caption": PRECANNED, "is_precanned": True, "is_rejected": False, "text_detected": False})
     if rng.random() < 0.1: anns.append({"caption": "i do not know", "is_precanned": False, "is_rejected": True, "text_detected": False})
     return anns
@@ -423,7 +432,7 @@ def write_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n
     write_json(root/"world.json", world)
     return root
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 # %% ../../nbs/12_data_synth.ipynb #3c525fb6
 def synthetic_world(root: str | os.PathLike | None = None, n_train: int = 200, n_val: int = 50, n_test: int = 50,
