@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmrepro.docs import broken_links, build_docs, page_name, screenshot
+from vlmrepro.docs import broken_links, build_docs, page_name, paper_page, screenshot
 from vlmrepro.runner import find_systems
 
 
@@ -52,14 +52,15 @@ def test_no_broken_internal_links(site):
 
 def test_every_module_and_paper_has_a_page(site):
     for system, nb in find_systems().items():
-        assert (site / f"{page_name(nb)}.html").exists(), system
-    for page in ("core", "train", "runner", "cli", "results", "gpu_guide"):
+        assert (site / f"{paper_page(nb)}.html").exists(), system
+    for page in ("core", "train", "runner", "cli", "backbones", "zoo", "results", "gpu_guide"):
         assert (site / f"{page}.html").exists(), page
 
 
 def test_api_pages_render_show_doc(site):
     html = (site / "train.html").read_text()
     assert "fit" in html and "TrainConfig" in html and "#| export" not in html
+    assert "paper_model" in (site / "backbones.html").read_text()   # the module page, not the paper notebook of the same name
 
 
 def test_home_loads_and_navigation_works(browser, server):
@@ -76,7 +77,7 @@ def test_home_loads_and_navigation_works(browser, server):
 def test_paper_pages_show_their_figures(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
     for system, nb in find_systems().items():
-        browser.get(f"{server}/{page_name(nb)}.html")
+        browser.get(f"{server}/{paper_page(nb)}.html")
         imgs = browser.find_elements(By.CSS_SELECTOR, "article img")
         assert imgs, f"{system}: no figures on its page"
         for img in imgs:
