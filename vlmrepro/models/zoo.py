@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import VlmreproError, ensure_writable_dir, package_versions, read_json, seed_everything, sha256_file, write_json
+from ..core import cache_dir, VlmreproError, ensure_writable_dir, package_versions, read_json, seed_everything, sha256_file, write_json
 from . import backbones as bb
 from transformers import AutoModelForCausalLM, BlipProcessor, CLIPProcessor, RobertaForMaskedLM
 
@@ -33,7 +33,7 @@ def zoo_root(root: str | os.PathLike | None = None) -> Path:
     "The zoo directory: `root`, else $VLMREPRO_ZOO, else the user's cache dir."
     if root is not None: return Path(root).expanduser()
     if env := os.environ.get(ZOO_ENV): return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"vlmrepro"/"zoo"
+    return cache_dir("zoo")
 
 # %% ../../nbs/31_zoo.ipynb #acba44c0
 @dataclass(frozen=True)
