@@ -1,0 +1,129 @@
+"""FROMAGe: exactly the intended parameters train, the [RET] row is renormalised, missing images fail loudly,
+the tiny run retrieves far above chance, and the retrieval index round-trips without pickle."""
+import copy, pickle, tempfile, time, warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmrepro.core import VlmreproError
+from vlmrepro.data.records import Dropped
+from vlmrepro.data.synth import synthetic_world
+from vlmrepro.index import RetrievalIndex, build_index, import_upstream_embeddings
+from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
+from vlmrepro.models import backbones as bb
+from vlmrepro.models import fromage as fr
+from vlmrepro.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def world():
+    return synthetic_world(n_train=600, n_val=100, n_test=0, image_size=64)
+
+
+def tiny_model(**kw):
+    return fr.fromage_model("tiny-opt", "tiny-clip", fr.FromageConfig(max_len=23, **kw))
+
+
+def test_only_intended_parameters_train():
+    m = tiny_model()
+    d_vis, d_lm = m.vision.config.hidden_size, m.embedding.embedding_dim
+    counts = fr.trainable_counts(m)
+    assert counts == {"lm.model.decoder.embed_tokens.weight": d_lm, "visual_embeddings.weight": d_vis * d_lm,
+                      "visual_embeddings.bias": d_lm, "visual_fc.weight": d_vis * 256, "visual_fc.bias": 256,
+                      "text_hidden_fcs.0.weight": d_lm * 256, "text_hidden_fcs.0.bias": 256, "logit_scale": 1}
+    assert not any(p.requires_grad for n, p in m.vision.named_parameters())
+    assert [n for n, p in m.lm.named_parameters() if p.requires_grad] == ["model.decoder.embed_tokens.weight"]
+    # the paper model (OPT-6.7B + CLIP ViT-L/14, k=1) on the meta device: 5,513,729 as the SPEC implies
+    paper = fr.Fromage(bb.paper_model("facebook/opt-6.7b"), copy.deepcopy(m.tokenizer),
+                       bb.paper_model("openai/clip-vit-large-patch14").vision_model, cfg=fr.FromageConfig())
+    c = fr.trainable_counts(paper)
+    assert c["visual_embeddings.weight"] + c["visual_embeddings.bias"] == 1024 * 4096 + 4096
+    assert sum(c.values()) == 1024 * 4096 + 4096 + 1024 * 256 + 256 + 4096 * 256 + 256 + 4096 + 1 == 5_513_729
+    vis4 = fr.Fromage(bb.paper_model("facebook/opt-6.7b"), copy.deepcopy(m.tokenizer),
+                      bb.paper_model("openai/clip-vit-large-patch14").vision_model, cfg=fr.FromageConfig(n_visual_tokens=4))
+    assert fr.trainable_counts(vis4)["visual_embeddings.weight"] == 1024 * 4096 * 4
+
+
+def test_ret_row_renormalised_and_frozen_rows_unchanged(world):
+    m = tiny_model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-2, schedule="constant", progress=False, precision="no", device="cpu")
+    fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=1e-2), callbacks=[fr.RetNorm()])
+    w = m.embedding.weight.detach()
+    w0 = before["lm.model.decoder.embed_tokens.weight"]
+    moved = (w != w0).any(1).nonzero().flatten().tolist()
+    assert moved == [m.ret_id]
+    frozen = torch.cat([w[:m.ret_id], w[m.ret_id + 1:len(m.tokenizer)]])
+    torch.testing.assert_close(w[m.ret_id].norm(), frozen.norm(dim=1).mean(), rtol=1e-5, atol=1e-6)
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(fr.trainable_counts(m))       # every trained piece moved; nothing else did
+
+
+def test_missing_image_is_a_clear_error_not_a_hang(world, tmp_path):
+    (tmp_path/"cc3m_train.tsv").write_text("caption\timage\na red circle\tpics/missing_cat.png\n")
+    t0 = time.time()
+    with pytest.raises(VlmreproError, match="missing_cat.png"):
+        fr.cc3m_dataset(tmp_path, "train", verbose=False)
+    m = tiny_model()
+    collate = fr.FromageCollator(m)
+    good = fr.cc3m_dataset(world, "train")[0]
+    with pytest.raises(VlmreproError, match="gone.jpg"):
+        collate([good, Dropped("missing image", "images/train/gone.jpg", "file not found")])
+    with pytest.raises(VlmreproError, match="nowhere.jpg"):
+        fr.generate_for_images_and_texts(m, [tmp_path/"nowhere.jpg", "a caption"], num_words=2)
+    assert time.time() - t0 < 30
+
+
+def test_tiny_run_retrieves_far_above_chance(world):
+    from vlmrepro.data.readers import read_coco_captions
+    m = tiny_model()
+    val = read_coco_captions(world, "val", verbose=False)       # every caption of every image is a query
+    paths = [Path(s.image_path) for s in val]
+    queries = [[c + "[RET]"] for s in val for c in s.captions]
+    targets = [i for i, s in enumerate(val) for _ in s.captions]
+
+    def r_at(model):
+        q = fr.query_embeddings(model, queries)
+        return recall_at_k(target_ranks(q @ model.embed_images(paths).T, targets), ks=(1, 10))
+
+    before = r_at(m.eval())
+    cfg = TrainConfig(max_steps=120, epochs=1000, batch_size=48, lr=5e-3, betas=(0.9, 0.95), warmup_steps=12,
+                      schedule="constant", progress=False, precision="no", device="cpu", seed=0)
+    fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=5e-3), callbacks=[fr.RetNorm()])
+    after = r_at(m.eval())
+    chance = 100 / len(val)
+    print(f"caption->image, {len(queries)} queries over {len(val)} images: R@1 {before['R@1']:.1f} -> {after['R@1']:.1f}, "
+          f"R@10 {before['R@10']:.1f} -> {after['R@10']:.1f} (chance R@1 {chance:.1f})")
+    assert after["R@1"] >= 4 * chance and after["R@10"] >= 3 * 10 * chance
+    assert after["R@10"] > before["R@10"]
+
+
+def test_index_round_trips_and_memory_maps(world, tmp_path):
+    m = tiny_model().eval()
+    folder = world/"images"/"val"
+    idx = RetrievalIndex.load(build_index(folder, m.embed_images, tmp_path/"idx", progress=False))
+    assert isinstance(idx.embeddings, np.memmap) and len(idx) == len(list(folder.glob("*.jpg")))
+    first = sorted(folder.glob("*.jpg"))[:4]
+    np.testing.assert_allclose(idx.embeddings[:4], m.embed_images(first).numpy(), atol=1e-5)
+    scores, rows = idx.search(idx.embeddings[:3], k=1)
+    assert rows[:, 0].tolist() == [0, 1, 2]
+    assert not list(tmp_path.rglob("*.pkl"))
+    out = fr.generate_for_images_and_texts(m, [first[0], "a picture[RET]"], num_words=0, index=idx, max_img_per_ret=2)
+    assert out[-1][0].image.size == (64, 64) and len(out[-1]) == 2
+
+
+def test_pickle_importer_refuses_without_trust_flag(tmp_path):
+    pkl = tmp_path/"cc3m_embeddings.pkl"
+    with open(pkl, "wb") as f: pickle.dump({"paths": ["a.jpg", "b.jpg"], "embeddings": np.eye(2, 4, dtype=np.float32)}, f)
+    with pytest.raises(VlmreproError, match="trust_pickle=True"):
+        import_upstream_embeddings(pkl, tmp_path/"out")
+    assert not (tmp_path/"out").exists()
+    with pytest.raises(VlmreproError, match="trust_pickle=True"):
+        RetrievalIndex.load(pkl)
+    with pytest.warns(UserWarning, match="can run code"):
+        idx = RetrievalIndex.load(import_upstream_embeddings(pkl, tmp_path/"out", trust_pickle=True))
+    assert idx.paths == ["a.jpg", "b.jpg"] and isinstance(idx.embeddings, np.memmap)
