@@ -8,8 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture
-def vlmrepro_cmd():
+def vlmrepro_command() -> list[str]:
     "The installed `vlmrepro` command of this environment."
     exe = Path(sys.executable).parent / "vlmrepro"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vlmrepro.cli"]
+
+
+@pytest.fixture
+def vlmrepro_cmd():
+    return vlmrepro_command()

@@ -37,6 +37,16 @@ def test_tiny_roberta_predicts_masked_tokens(built):
     assert m["val_masked_acc"] > m["majority_acc"] + 0.2, m
 
 
+def test_tiny_grid_retrieval_far_above_chance(built):
+    m = metrics("tiny-grid")
+    assert m["i2t_r1"] >= 10 * m["chance_r1"] and m["t2i_r1"] >= 10 * m["chance_r1"], m
+
+
+def test_tiny_blip_captions_beat_a_constant_caption(built):
+    m = metrics("tiny-blip")
+    assert m["val_cider"] > m["constant_cider"] + 20, m
+
+
 def test_manifest_matches_files(built):
     for name in built:
         assert zoo.verify(name) == built[name]
@@ -54,6 +64,12 @@ def test_zoo_names_load_through_factories(built):
     assert len(lm.model.layers) == 1
     dec, rtok = bb.roberta_decoder("tiny-roberta")
     assert dec.config.is_decoder and dec.config.add_cross_attention
+    grid, gp = bb.grid_encoder("tiny-grid")
+    with torch.no_grad():
+        assert grid(pixel_values=gp(images=[zoo.world(0, 2, 1, 64)["train"][0].image], return_tensors="pt")["pixel_values"]
+                    ).last_hidden_state.shape == (1, 256, 4, 4)
+    blip, bproc = bb.blip_captioner("tiny-blip")
+    assert blip.config.text_config.bos_token_id == bproc.tokenizer.bos_token_id
 
 
 def test_tiny_lm_generates_world_text(built):

@@ -14,10 +14,10 @@ from .core import (VlmreproError, atomic_write, check_names, ensure_writable_dir
                            read_json, write_json)
 
 # %% auto #0
-__all__ = ['METRIC_NAME', 'RUN_ID', 'SWEEP_KEYS', 'repo_root', 'results_root', 'find_systems', 'resolve_notebook',
-           'notebook_parameters', 'notebook_presets', 'coerce_value', 'resolve_params', 'start_run', 'save_metrics',
-           'save_figure', 'RunFailed', 'RunResult', 'run', 'sweep_runs', 'sweep', 'collect_runs', 'report_markdown',
-           'report', 'reproduce', 'list_runs']
+__all__ = ['CHOICES', 'METRIC_NAME', 'RUN_ID', 'SWEEP_KEYS', 'repo_root', 'results_root', 'find_systems', 'resolve_notebook',
+           'notebook_parameters', 'parameter_choices', 'notebook_presets', 'coerce_value', 'resolve_params',
+           'start_run', 'save_metrics', 'save_figure', 'RunFailed', 'RunResult', 'run', 'sweep_runs', 'sweep',
+           'collect_runs', 'report_markdown', 'report', 'reproduce', 'list_runs']
 
 # %% ../nbs/03_runner.ipynb #184ab498
 def repo_root(start: str | os.PathLike | None = None) -> Path:
@@ -65,13 +65,30 @@ def notebook_parameters(nb_path: str | os.PathLike) -> dict[str, object]:
                 except ValueError: raise VlmreproError(f"{nb_path}: parameter {node.targets[0].id} must have a literal default") from None
     return params
 
+CHOICES = re.compile(r"^#\s*([\w.-]+(?:\s*\|\s*[\w.-]+)+)\s*(?:$|[(:;,]|--)")
+
+def parameter_choices(nb_path: str | os.PathLike) -> dict[str, list[str]]:
+    "String parameters whose comment lists the allowed values, `mode = \"lora\"  # zeroshot | full | lora`."
+    out = {}
+    for src in _tagged_cells(Path(nb_path), "parameters"):
+        lines = src.splitlines()
+        for node in ast.parse(src).body:
+            if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)): continue
+            line = lines[node.end_lineno - 1]
+            comment = line[node.end_col_offset:].strip() if node.lineno == node.end_lineno else ""
+            if (m := CHOICES.match(comment)) and isinstance(ast.literal_eval(node.value), str):
+                out[node.targets[0].id] = [w.strip() for w in m.group(1).split("|")]
+    return out
+
 def notebook_presets(nb_path: str | os.PathLike) -> tuple[dict, dict]:
     "(PRESETS, PUBLISHED) from a notebook's `presets` cell; the tiny preset is always the parameters cell."
     found = {"PRESETS": {}, "PUBLISHED": {}}
     for src in _tagged_cells(Path(nb_path), "presets"):
         for node in ast.parse(src).body:
             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in found:
-                found[node.targets[0].id] = ast.literal_eval(node.value)
+                try: found[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError: raise VlmreproError(f"{nb_path}: {node.targets[0].id} in the presets cell must be a literal dict "
+                                                       "(no names, calls or ** merges), because it is read without running the notebook") from None
     presets = {"tiny": {}, **found["PRESETS"]}
     valid = notebook_parameters(nb_path)
     for name, values in presets.items(): check_names(values, valid, owner=f"preset {name!r} of {Path(nb_path).stem}")
@@ -111,6 +128,9 @@ def resolve_params(nb_path: str | os.PathLike, preset: str = "tiny", overrides: 
     params = {**defaults, **presets[preset]}
     for k, v in overrides.items(): params[k] = coerce_value(k, v, defaults[k])
     if "preset" in defaults: params["preset"] = preset
+    for k, allowed in parameter_choices(nb_path).items():
+        if k != "preset" and params[k] not in allowed:
+            raise VlmreproError(f"parameter {k!r} is {params[k]!r}, not one of {', '.join(allowed)}; pass e.g. -p {k} {allowed[0]}")
     return params
 
 # %% ../nbs/03_runner.ipynb #02dcae07

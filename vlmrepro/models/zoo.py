@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, BlipProcessor, CLIPProcessor, Rob
 __all__ = ['ZOO_ENV', 'ZOO', 'WORLD', 'LM', 'SMOLLM2_GGUF', 'zoo_root', 'Recipe', 'register', 'recipe_params', 'world',
            'scene_texts', 'world_tokenizer', 'pixels', 'lm_batch', 'train_loop', 'recall_at_1', 'lm_perplexity',
            'caption_table', 'pick_captions', 'train_tiny_clip', 'train_causal_lm', 'mask_tokens', 'train_tiny_roberta',
-           'smollm2_gguf', 'convert_smollm2', 'entry_info', 'is_current', 'build', 'ensure', 'verify', 'zoo_list',
-           'zoo_main']
+           'train_tiny_grid', 'train_tiny_blip', 'smollm2_gguf', 'convert_smollm2', 'entry_info', 'is_current', 'build',
+           'ensure', 'verify', 'zoo_list', 'zoo_main']
 
 # %% ../../nbs/31_zoo.ipynb #7a7000a0
 ZOO_ENV = "VLMREPRO_ZOO"
@@ -229,6 +229,62 @@ def train_tiny_roberta(out: Path, p: dict) -> dict:
     majority = (y[hit] == y[hit].mode().values).float().mean().item()
     model.save_pretrained(out); tok.save_pretrained(out)
     return {"val_masked_acc": acc, "majority_acc": majority, "final_loss": float(np.mean(losses[-20:]))}
+
+# %% ../../nbs/31_zoo.ipynb #76f45227
+@register("tiny-grid", "grid", "ResNet grid encoder (CLIP RN50x16's role), contrastive against tiny-clip's frozen text tower",
+          needs=("tiny-clip",), **WORLD, widths=[64, 128, 256], steps=300, batch_size=128, lr=2e-3)
+def train_tiny_grid(out: Path, p: dict) -> dict:
+    from transformers import ResNetModel
+    clip, proc = bb.clip_model(str(out.parent/"tiny-clip")); clip.eval()
+    data = _world(p); tok = proc.tokenizer
+    ids, mask = caption_table(tok, data["train"])
+    with torch.no_grad(): text = F.normalize(_as_tensor(clip.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
+    iproc = bb.image_processor_for(p["image_size"])
+    px = pixels(iproc, [s.image for s in data["train"]])
+    model = nn.ModuleDict(dict(encoder=ResNetModel(bb.tiny_resnet_config(p["widths"], (1,) * len(p["widths"]))),
+                               head=nn.Linear(p["widths"][-1], text.shape[1])))
+    model.register_parameter("log_scale", nn.Parameter(torch.tensor(math.log(1 / 0.07))))
+    def embed(x): return F.normalize(model.head(model.encoder(pixel_values=x).last_hidden_state.mean((2, 3))), dim=-1)
+    rng = np.random.default_rng(p["seed"])
+    def loss_fn(step):
+        idx = rng.choice(len(px), p["batch_size"], replace=False)
+        logits = embed(px[idx]) @ text[torch.as_tensor(idx * 5 + rng.integers(0, 5, len(idx)))].T * model.log_scale.exp()
+        target = torch.arange(len(idx))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-grid", weight_decay=0.1)
+    with torch.no_grad():
+        enc = tok([s.captions[0] for s in data["val"]], return_tensors="pt", padding=True)
+        metrics = recall_at_1(embed(pixels(iproc, [s.image for s in data["val"]])), _as_tensor(clip.get_text_features(**enc)))
+    model.encoder.save_pretrained(out); iproc.save_pretrained(out)
+    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": float(np.mean(losses[-20:]))}
+
+# %% ../../nbs/31_zoo.ipynb #5fcb09c3
+@register("tiny-blip", "captioner", "BLIP captioner (ViT + cross-attending text decoder) on the world's COCO-style captions",
+          **WORLD, width=64, vision_layers=2, text_layers=2, patch_size=8, max_len=48, steps=400, batch_size=64, lr=2e-3)
+def train_tiny_blip(out: Path, p: dict) -> dict:
+    from collections import Counter
+    from transformers import BlipForConditionalGeneration
+    from vlmrepro.metrics.caption import evaluate_captions
+    tok = bb.with_template(_tok(p), "bos_eos"); data = _world(p)
+    proc = BlipProcessor(bb.image_processor_for(p["image_size"], "blip"), tok)
+    model = BlipForConditionalGeneration(bb.tiny_blip_config(len(tok), p["image_size"], p["width"], p["vision_layers"],
+                                                             p["text_layers"], p["max_len"], p["patch_size"]))
+    px = pixels(proc.image_processor, [s.image for s in data["train"]]); ids, mask = caption_table(tok, data["train"])
+    rng = np.random.default_rng(p["seed"])
+    def loss_fn(step):
+        idx = rng.choice(len(px), p["batch_size"], replace=False)
+        i, m = pick_captions(ids, mask, idx, rng)
+        return model(pixel_values=px[idx], input_ids=i, attention_mask=m, labels=i.masked_fill(m == 0, -100)).loss
+    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-blip")
+    with torch.no_grad():
+        gen = model.generate(pixel_values=pixels(proc.image_processor, [s.image for s in data["val"]]), max_new_tokens=30)
+    refs = {i: list(s.captions) for i, s in enumerate(data["val"])}
+    preds = dict(enumerate(t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)))
+    constant = Counter(c for s in data["train"] for c in s.captions).most_common(1)[0][0]
+    model.save_pretrained(out); proc.save_pretrained(out)
+    return {"val_cider": evaluate_captions(refs, preds, fast=True)["CIDEr"] * 100,
+            "constant_cider": evaluate_captions(refs, {i: constant for i in refs}, fast=True)["CIDEr"] * 100,
+            "final_loss": float(np.mean(losses[-20:]))}
 
 # %% ../../nbs/31_zoo.ipynb #5c8dc579
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
