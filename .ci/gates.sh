@@ -16,4 +16,5 @@ if [ "$before" != "$(snapshot nbs)" ]; then
   echo "gate failed: nbdev_clean changed nbs/. Run 'make clean-nbs' and commit the cleaned notebooks." >&2
   git status --short -- nbs >&2; exit 1
 fi
-"$bin/nbdev_test" --do_print --timing
+# One torch thread per notebook: nbdev_test runs one notebook per core, and oversubscribed threads spin (20x slower).
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$bin/nbdev_test" --do_print --timing
