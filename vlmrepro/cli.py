@@ -17,6 +17,7 @@ TOOLS = {  # name: (module, function, one line)
     "pack": ("vlmrepro.data.pack", "pack_main", "pack samples from any reader into WebDataset shards"),
     "eval": ("vlmrepro.metrics.cli", "eval_main", "score a predictions file (captions or VQA) like the challenge servers"),
     "zoo": ("vlmrepro.models.zoo", "zoo_main", "list or build the pretrained tiny backbones"),
+    "experts": ("vlmrepro.experts", "experts_main", "run Prismer's modality experts over a dataset (resumable)"),
     "docs": ("vlmrepro.docs", "docs_main", "build the documentation site offline"),
 }
 
