@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30_backbones.ipynb #fad79296
 from __future__ import annotations
-import os, re
+import contextlib, os, re
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from ..core import VlmreproError
 
 # %% auto #0
 __all__ = ['BLOCK_PATHS', 'SPECIAL_TOKENS', 'TEMPLATES', 'PAPER_BACKBONES', 'PRESETS', 'resolve_source', 'load_pretrained',
-           'set_trainable', 'freeze', 'unfreeze', 'count_parameters', 'human_count', 'mask_gradient_rows',
+           'set_trainable', 'freeze', 'unfreeze', 'count_parameters', 'human_count', 'quiet_hf', 'mask_gradient_rows',
            'add_special_tokens', 'decoder_blocks', 'truncate_blocks', 'train_tokenizer', 'with_template',
            'vision_tower', 'grid_encoder', 'text_tower', 'clip_model', 'tiny_clip_config', 'image_processor_for',
            'tiny_resnet_config', 'causal_lm', 'tiny_lm_config', 'roberta_decoder', 'tiny_roberta_config',
@@ -85,6 +85,14 @@ def human_count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size: return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
     return str(n)
+
+# %% ../../nbs/30_backbones.ipynb #82b902d7
+@contextlib.contextmanager
+def quiet_hf():
+    "Silence transformers' load reports and progress bars (e.g. a vision tower loaded from a full CLIP lists every text weight)."
+    old = hf_logging.get_verbosity(); hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    try: yield
+    finally: hf_logging.set_verbosity(old); hf_logging.enable_progress_bar()
 
 # %% ../../nbs/30_backbones.ipynb #f54b9276
 def mask_gradient_rows(weight: nn.Parameter, rows) -> torch.utils.hooks.RemovableHandle:

@@ -14,8 +14,8 @@ from ..core import VlmreproError, write_json
 from ..data.collate import CaptionCollator, image_batch
 
 # %% auto #0
-__all__ = ['LORA_KWARGS', 'BLIP_INPUTS', 'add_lora', 'trainable_counts', 'caption_collator', 'with_captions', 'generate_captions',
-           'predict', 'write_submission', 'save_adapter', 'load_adapter', 'merge_adapter']
+__all__ = ['LORA_KWARGS', 'BLIP_INPUTS', 'add_lora', 'caption_collator', 'with_captions', 'generate_captions', 'predict',
+           'write_submission', 'save_adapter', 'load_adapter', 'merge_adapter']
 
 # %% ../../nbs/40_blip_vizwiz.ipynb #e66fd79f
 LORA_KWARGS = dict(r=8, lora_alpha=32, lora_dropout=0.1, bias="none", target_modules=["query", "value"])
@@ -24,10 +24,6 @@ def add_lora(model, **overrides):
     "Wrap `model` with peft LoRA adapters (upstream settings unless overridden); only the adapters train."
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(**{**LORA_KWARGS, **overrides}))
-
-def trainable_counts(model) -> tuple[int, int]:
-    "(trainable, total) parameters, counting shared tensors once."
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
 
 # %% ../../nbs/40_blip_vizwiz.ipynb #1f1e94b7
 BLIP_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels")

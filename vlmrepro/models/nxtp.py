@@ -4,7 +4,7 @@
 
 # %% ../../nbs/41_nxtp.ipynb #f2bbe7b3
 from __future__ import annotations
-import contextlib, math, os, random, time
+import math, os, random, time
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
-from transformers.utils import logging as hf_logging
 
 from ..core import VlmreproError, atomic_write, write_json
 from ..data.collate import image_batch
@@ -23,10 +22,10 @@ from . import backbones as bb
 # %% auto #0
 __all__ = ['PROMPT', 'PROMPT_TEMPLATES', 'IMAGE_TOKEN', 'EMPTY_TOKEN', 'DECODERS', 'delimiter_ids', 'label_segments',
            'nxtp_attention_mask', 'vit', 'NxTP', 'untie_head', 'set_upstream_trainable', 'nxtp_param_groups',
-           'nxtp_optimizer', 'quiet_hf', 'build_nxtp', 'paper_nxtp', 'NxTPCollator', 'nxtp_loss', 'score_labels',
-           'one_shot_decode', 'split_list', 'greedy_tokens', 'greedy_decode', 'beam_decode', 'warmup_steps',
-           'shard_loader', 'train_nxtp', 'predict', 'reference_labels', 'evaluate_labels', 'label_vocabulary',
-           'random_labels', 'benchmark_nxtp', 'decoding_benchmark', 'benchmark_markdown']
+           'nxtp_optimizer', 'build_nxtp', 'paper_nxtp', 'NxTPCollator', 'nxtp_loss', 'score_labels', 'one_shot_decode',
+           'split_list', 'greedy_tokens', 'greedy_decode', 'beam_decode', 'warmup_steps', 'shard_loader', 'train_nxtp',
+           'predict', 'reference_labels', 'evaluate_labels', 'label_vocabulary', 'random_labels', 'benchmark_nxtp',
+           'decoding_benchmark', 'benchmark_markdown']
 
 # %% ../../nbs/41_nxtp.ipynb #fe2e821d
 PROMPT = "The objects in the image are"
@@ -188,17 +187,10 @@ def nxtp_optimizer(model: NxTP, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(nxtp_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 # %% ../../nbs/41_nxtp.ipynb #872802db
-@contextlib.contextmanager
-def quiet_hf():
-    "Silence transformers' load reports and progress bars (loading a vision tower from a full CLIP lists every text weight)."
-    old = hf_logging.get_verbosity(); hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-    try: yield
-    finally: hf_logging.set_verbosity(old); hf_logging.enable_progress_bar()
-
 def build_nxtp(vision: str = "tiny-clip", lm: str = "tiny-llama", n_lm_blocks: int | None = None,
                n_vision_blocks: int = 6, prompt: str = PROMPT, seed: int = 0, **lm_kwargs):
     "(NxTP model, tokenizer, image processor) from backbone names, with upstream's trainable set."
-    with quiet_hf():
+    with bb.quiet_hf():
         vis, processor = bb.vision_tower(vision)
         lm_model, tok = bb.causal_lm(lm, n_blocks=n_lm_blocks, **({"attn_implementation": "sdpa"} | lm_kwargs))
         image_id, pad_id = bb.add_special_tokens(lm_model, tok, [IMAGE_TOKEN, EMPTY_TOKEN], train_rows_only=False)
@@ -439,11 +431,11 @@ def random_labels(image_ids, vocabulary, k: int = 10, seed: int = 0) -> dict:
 def benchmark_nxtp(width: int = 256, layers: int = 4, image_size: int = 224, patch_size: int = 14, seed: int = 0) -> NxTP:
     "A random-weight NxTP for timing: a 1-block ViT with 256 patch tokens and a `width` x `layers` LLaMA (tiny-llama's tokenizer)."
     from transformers import AutoModelForCausalLM, CLIPVisionModel
-    with quiet_hf(): _, tok = bb.causal_lm("tiny-llama")
+    with bb.quiet_hf(): _, tok = bb.causal_lm("tiny-llama")
     torch.manual_seed(seed)
     vision = CLIPVisionModel(bb.tiny_clip_config(len(tok), image_size, 32, 1, 32, patch_size).vision_config)
     lm = AutoModelForCausalLM.from_config(bb.tiny_lm_config("llama", len(tok), width, layers, 512), attn_implementation="sdpa")
-    with quiet_hf(): image_id, pad_id = bb.add_special_tokens(lm, tok, [IMAGE_TOKEN, EMPTY_TOKEN], train_rows_only=False)
+    with bb.quiet_hf(): image_id, pad_id = bb.add_special_tokens(lm, tok, [IMAGE_TOKEN, EMPTY_TOKEN], train_rows_only=False)
     are, comma = delimiter_ids(tok)
     model = NxTP(vision, lm, dict(image=image_id, pad=pad_id, bos=tok.bos_token_id, are=are, comma=comma), tok).eval()
     with torch.no_grad(): model.lm.lm_head.weight.normal_(0, 0.5)       # decisive, so branches differ and end

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/47_prismer.ipynb #ed6ba06d
 from __future__ import annotations
-import contextlib, math, warnings
+import math, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -19,7 +19,7 @@ from ..core import VlmreproError, check_names, read_json
 from ..data.collate import encode_segments, pad_batch, images_to_tensor
 from ..data.readers import PRISMER_EXPERTS, load_expert
 from ..data.records import drop_bad
-from .backbones import freeze, unfreeze, vision_tower, roberta_decoder, count_parameters
+from .backbones import freeze, unfreeze, vision_tower, roberta_decoder, count_parameters, quiet_hf
 
 # %% auto #0
 __all__ = ['DENSE_EXPERTS', 'CODE_EXPERTS', 'MODES', 'PrismerConfig', 'fit_pca', 'Adaptor', 'conv_bn_relu', 'DenseStem',
@@ -191,19 +191,12 @@ class AdaptedCrossAttention(nn.Module):
         out, weights = self.attn(*args, **kwargs)
         return self.adaptor(out), weights
 
-@contextlib.contextmanager
-def _quiet_loading():
-    from transformers.utils import logging as hf_logging
-    old = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
-    try: yield
-    finally: hf_logging.set_verbosity(old)
-
 class Prismer(nn.Module):
     "CLIP ViT (+ expert tokens, adaptors) -> RoBERTa decoder (cross-attention + adaptors) -> output layer -> LM head."
     def __init__(self, cfg: PrismerConfig):
         super().__init__()
         self.cfg = cfg
-        with _quiet_loading():                                                  # the new cross-attention is reported as missing
+        with quiet_hf():                                                  # the new cross-attention is reported as missing
             self.vision, self.image_processor = vision_tower(cfg.vision)
             self.lm, self.tokenizer = roberta_decoder(cfg.language, cross_attention=True)
         self.tokenizer.padding_side = "right"
