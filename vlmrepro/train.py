@@ -10,15 +10,18 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .core import VlmreproError, atomic_write, check_names, pick_device, pick_precision, seed_everything
 from .checkpoint import (load_checkpoint, rng_state, resolve_checkpoint, save_checkpoint, set_rng_state)
+from .distributed import (engine, full_params, load_sharded_checkpoint, make_accelerator, prepare_strategy,
+                                  save_sharded_checkpoint, strategy_from_env)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'TrainConfig', 'lr_factor', 'EpochSampler', 'make_loader', 'MetricsLog', 'FitResult', 'default_loss',
-           'default_optimizer', 'fit']
+__all__ = ['SCHEDULES', 'TrainConfig', 'lr_factor', 'EpochSampler', 'splits_itself', 'make_loader', 'MetricsLog', 'FitResult',
+           'default_loss', 'default_optimizer', 'fit']
 
 # %% ../nbs/02_train.ipynb #d6c3ae61
 SCHEDULES = ("cosine", "constant", "linear")
@@ -41,6 +44,7 @@ class TrainConfig:
     precision: str = "auto"           # auto | no | fp16 | bf16
     device: str | None = None         # None: best available
     eval_every: int | None = None     # optimizer steps; evaluation also runs after every epoch
+    epoch_eval: bool = True           # False: evaluate only every eval_every steps (and once at the end)
     ckpt_every: int | None = None     # optimizer steps; a checkpoint is also written after every epoch
     keep_checkpoints: int = 2
     metric: str | None = None         # e.g. "val/acc": keeps the best checkpoint by this metric
@@ -89,6 +93,10 @@ class EpochSampler(Sampler):
         if not self.shuffle: return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+def splits_itself(loader) -> bool:
+    "True for a loader over a stream that reads only this rank's part (e.g. `ShardDataset`): accelerate must not split it again."
+    return getattr(getattr(loader, "dataset", None), "splits_by_rank", False)
 
 def make_loader(data, cfg: TrainConfig, collate_fn: Callable | None = None, shuffle: bool = True) -> DataLoader:
     "A DataLoader over a map-style dataset with an `EpochSampler`; iterables and DataLoaders pass through."
@@ -167,56 +175,73 @@ def _call(cbs, name, *args):
 _RESUME_SAFE = {"progress", "log_every", "num_workers", "device", "resume", "keep_checkpoints"}
 
 def _check_resumable(saved: dict, cfg: TrainConfig, ckpt: Path):
-    diff = {k for k, v in cfg.to_dict().items() if k not in _RESUME_SAFE and json.loads(json.dumps(v)) != saved.get(k)}
+    defaults = TrainConfig().to_dict()   # a setting newer than the checkpoint counts as its default
+    diff = {k for k, v in cfg.to_dict().items()
+            if k not in _RESUME_SAFE and json.loads(json.dumps(v)) != saved.get(k, json.loads(json.dumps(defaults[k])))}
     if diff: raise VlmreproError(f"{ckpt} was written with different settings ({', '.join(sorted(diff))}); "
                                  "use a new output directory, or resume=False to start over")
 
 # %% ../nbs/02_train.ipynb #79757a4d
+class _Step(nn.Module):
+    "Runs `fn(model, *args)` as its forward, so DDP, FSDP and DeepSpeed see every forward a loss or evaluation makes."
+    def __init__(self, model: nn.Module): super().__init__(); self.model = model
+    def forward(self, fn: Callable, *args): return fn(self.model, *args)
+
+def _accelerator(cfg: TrainConfig):
+    device = pick_device(cfg.device)
+    return make_accelerator(strategy_from_env(), pick_precision(device, cfg.precision), cpu=device.type == "cpu",
+                            grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
+
 def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
         collate_fn: Callable | None = None, loss_fn: Callable = default_loss, eval_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None, callbacks: Iterable = (), accelerator=None) -> FitResult:
     "Train `model` on `data` with `cfg`; checkpoints, logs and resume live in `out_dir`."
-    from accelerate import Accelerator
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vlmrepro-fit-"))
     ckpt_root = out_dir/"checkpoints"
     callbacks = list(callbacks)
-    if accelerator is None:
-        device = pick_device(cfg.device)
-        accelerator = Accelerator(mixed_precision=pick_precision(device, cfg.precision), cpu=device.type == "cpu")
-    acc = accelerator
+    acc = accelerator or _accelerator(cfg)
+    kind = engine(acc); sharded = kind != "ddp"
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)
     sampler = getattr(loader, "sampler", None)
     total = _total_steps(loader, cfg)
     opt = optimizer or default_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
-    model, opt, loader = acc.prepare(model, opt, loader)
-    raw = acc.unwrap_model(model)
+    prepare_strategy(acc, model)
+    if splits_itself(loader):
+        from accelerate.utils import send_to_device
+        (step, opt), to_device = acc.prepare(_Step(model), opt), lambda b: send_to_device(b, acc.device)
+    else: (step, opt, loader), to_device = acc.prepare(_Step(model), opt, loader), lambda b: b
+    raw = acc.unwrap_model(step).model
+
+    def save(name, state, pointer="latest", keep=None):
+        if sharded: save_sharded_checkpoint(acc, step, opt, ckpt_root, name, state, cfg.trainable_only, pointer, keep)
+        elif acc.is_main_process: save_checkpoint(ckpt_root, name, raw, state, cfg.trainable_only, pointer=pointer, keep=keep)
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "last_eval": {}, "n_records": 0}
     last = resolve_checkpoint(ckpt_root) if cfg.resume else None
     if last is not None:
-        saved = load_checkpoint(last, raw)
+        saved = load_sharded_checkpoint(acc, step, opt, last, cfg.trainable_only) if sharded else load_checkpoint(last, raw)
         _check_resumable(saved["cfg"], cfg, last)
-        opt.load_state_dict(saved["optimizer"]); sched.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"]); st.update(saved["trainer"])
+        if not sharded: opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"]); set_rng_state(saved["rng"]); st.update(saved["trainer"])
         acc.print(f"resumed from {last} (step {st['step']}, epoch {st['epoch']})")
-    elif ckpt_root.exists() and not cfg.resume: shutil.rmtree(ckpt_root)
+    elif ckpt_root.exists() and not cfg.resume and acc.is_main_process: shutil.rmtree(ckpt_root)
     if acc.is_main_process: out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir, keep_records=st["n_records"] if last else None, start_step=st["step"]) if acc.is_main_process else None
 
     def checkpoint():
-        if not acc.is_main_process: return
-        st["n_records"], st["running"] = len(log.records), [float(x) for x in running]
-        state = {"trainer": dict(st), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "cfg": json.loads(json.dumps(cfg.to_dict()))}
-        save_checkpoint(ckpt_root, f"step-{st['step']:07d}", raw, state, cfg.trainable_only, keep=cfg.keep_checkpoints)
+        st["n_records"] = len(log.records) if log else 0
+        st["running"], st["running_extra"] = [float(x) for x in running], {k: [float(x) for x in v] for k, v in running_extra.items()}
+        state = {"trainer": dict(st), "scheduler": sched.state_dict(), "rng": rng_state(),
+                 "cfg": json.loads(json.dumps(cfg.to_dict())), **({} if sharded else {"optimizer": opt.state_dict()})}
+        save(f"step-{st['step']:07d}", state, keep=cfg.keep_checkpoints)
 
     def evaluate():
         if eval_fn is None: return
-        model.eval()
-        with torch.no_grad(): metrics = {k: float(v) for k, v in eval_fn(raw).items()}
-        model.train()
+        step.eval()
+        with torch.no_grad(): metrics = {k: float(v) for k, v in (step(lambda m: eval_fn(m)) if sharded else eval_fn(raw)).items()}
+        step.train()
         st["last_eval"] = metrics
         if log: log.log(st["step"], epoch=st["epoch"], **metrics)
         if cfg.metric:
@@ -224,16 +249,24 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
             v = metrics[cfg.metric]
             if st["best"] is None or (v > st["best"] if cfg.mode == "max" else v < st["best"]):
                 st["best"], st["best_step"] = v, st["step"]
-                if acc.is_main_process:
-                    old = resolve_checkpoint(ckpt_root, "best")
-                    save_checkpoint(ckpt_root, f"best-{st['step']:07d}", raw, {"step": st["step"], "metrics": metrics},
-                                    cfg.trainable_only, pointer="best")
-                    if old is not None and old.name != f"best-{st['step']:07d}": shutil.rmtree(old, ignore_errors=True)
+                old = resolve_checkpoint(ckpt_root, "best")
+                save(f"best-{st['step']:07d}", {"step": st["step"], "metrics": metrics}, pointer="best")
+                if acc.is_main_process and old is not None and old.name != f"best-{st['step']:07d}": shutil.rmtree(old, ignore_errors=True)
         _call(callbacks, "after_eval", metrics, st)
+
+    def log_train():
+        names = sorted(running_extra)
+        local = [torch.stack(running).mean().item(), *(sum(running_extra[k]) / len(running_extra[k]) for k in names)]
+        means = acc.gather(torch.tensor(local, device=acc.device)[None]).mean(0).tolist()
+        if log: log.log(st["step"], epoch=st["epoch"], **{"train/loss": means[0], "train/lr": sched.get_last_lr()[0]},
+                        **{f"train/{k}": v for k, v in zip(names, means[1:])})
+        bar.set_postfix(loss=f"{means[0]:.4f}")
 
     bar = tqdm(total=total, initial=st["step"], disable=not (cfg.progress and acc.is_main_process),
                desc="fit", mininterval=2, dynamic_ncols=True)
-    model.train(); running = [torch.tensor(x) for x in st.pop("running", [])]   # losses since the last log line
+    step.train()
+    running = [torch.tensor(x, device=acc.device) for x in st.pop("running", [])]        # losses and extra values since the last log line
+    running_extra = {k: list(v) for k, v in st.pop("running_extra", {}).items()}
     while st["step"] < total and st["epoch"] < cfg.epochs:
         epoch_loader = acc.skip_first_batches(loader, st["batch_in_epoch"]) if st["batch_in_epoch"] else loader
         for s in (sampler, loader, epoch_loader):   # accelerate's loaders re-set the sampler's epoch from their own
@@ -243,28 +276,27 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
         for batch in epoch_loader:
             micro += 1; st["batch_in_epoch"] += 1
             sync = micro % cfg.grad_accum == 0 or st["batch_in_epoch"] == n_batches
-            with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                out = loss_fn(model, batch)
+            with (contextlib.nullcontext() if sync or kind == "deepspeed" else acc.no_sync(step)), acc.autocast():
+                out = step(loss_fn, to_device(batch))
                 loss, extra = out if isinstance(out, tuple) else (out, {})
-                acc.backward(loss / cfg.grad_accum)
+                acc.backward(loss if kind == "deepspeed" else loss / cfg.grad_accum)   # DeepSpeed divides by its own count
             running.append(loss.detach().float())
+            for k, v in extra.items(): running_extra.setdefault(k, []).append(float(v))
             if not sync: continue
             _call(callbacks, "after_backward", raw)
-            if cfg.max_grad_norm: acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm: acc.clip_grad_norm_(step.parameters(), cfg.max_grad_norm)
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             st["step"] += 1; bar.update(1)
-            _call(callbacks, "after_step", raw, st)
+            with full_params(acc, step): _call(callbacks, "after_step", raw, st)
             if st["step"] % cfg.log_every == 0 or st["step"] == total:
-                mean_loss = acc.gather(torch.stack(running).mean()[None]).mean().item(); running = []
-                if log: log.log(st["step"], epoch=st["epoch"], **{"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0]},
-                                **{f"train/{k}": float(v) for k, v in extra.items()})
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                log_train(); running, running_extra = [], {}
             if cfg.eval_every and st["step"] % cfg.eval_every == 0: evaluate()
             if cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0: checkpoint()
             if st["step"] >= total: break
         if st["step"] >= total or st["batch_in_epoch"] == n_batches or n_batches is None:
             st["epoch"] += 1; st["batch_in_epoch"] = 0
-        if not (cfg.eval_every and st["step"] % cfg.eval_every == 0): evaluate()
+        just_evaluated = cfg.eval_every and st["step"] % cfg.eval_every == 0
+        if not just_evaluated and (cfg.epoch_eval or not cfg.eval_every or st["step"] >= total): evaluate()
         checkpoint()
     bar.close()
     if log: log.close()
