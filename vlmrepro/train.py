@@ -204,14 +204,14 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)
     sampler = getattr(loader, "sampler", None)
-    total = _total_steps(loader, cfg)
     opt = optimizer or default_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
     prepare_strategy(acc, model)
     if splits_itself(loader):
         from accelerate.utils import send_to_device
         (step, opt), to_device = acc.prepare(_Step(model), opt), lambda b: send_to_device(b, acc.device)
     else: (step, opt, loader), to_device = acc.prepare(_Step(model), opt, loader), lambda b: b
+    total = _total_steps(loader, cfg)   # after prepare: this rank's share of the batches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
     raw = acc.unwrap_model(step).model
 
     def save(name, state, pointer="latest", keep=None):
