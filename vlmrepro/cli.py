@@ -28,6 +28,32 @@ def _tool(name: str, argv: list[str]) -> int:
     return main(argv) or 0
 
 # %% ../nbs/04_cli.ipynb #7dd44ea9
+_LAUNCH_FLAGS = {"--launcher": 1, "--strategy": 1, "--nproc": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1,
+                 "--master-port": 1, "--slurm": 1}
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    "`argv` without the launch flags: what each worker runs."
+    out, skip = [], 0
+    for a in argv:
+        if skip: skip -= 1; continue
+        name = a.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS: skip = 0 if "=" in a else _LAUNCH_FLAGS[name]; continue
+        out.append(a)
+    return out
+
+def _launch(a, argv: list[str]) -> int:
+    import os, subprocess
+    from vlmrepro import distributed
+    args = _worker_argv(argv)
+    launcher = a.launcher or ("deepspeed" if (a.strategy or "").startswith("zero") else "accelerate")
+    if a.slurm:
+        p = distributed.write_slurm_script(a.slurm, args, nnodes=a.nnodes, gpus_per_node=a.nproc, launcher=launcher,
+                                           strategy=a.strategy, master_port=a.master_port)
+        print(f"wrote {p}; submit it with: sbatch {p}"); return 0
+    cmd, env = distributed.launch_command(args, launcher, a.nproc, a.nnodes, a.node_rank, a.master_addr, a.master_port, a.strategy)
+    print("launching:", " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, env={**os.environ, **env}).returncode
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmrepro", description="Reproduce vision-language models from notebooks.",
                                 epilog="tools: " + "; ".join(f"{k}: {v[2]}" for k, v in TOOLS.items()))
@@ -38,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="tiny", help="named parameter set (default: tiny)")
     r.add_argument("--run-id", help="run directory name (default: run-<timestamp>); an unfinished one resumes")
     r.add_argument("--rerun", action="store_true", help="run again even if this run id finished")
+    d = r.add_argument_group("several processes or nodes (every rank runs the notebook; rank 0 writes the results)")
+    d.add_argument("--launcher", choices=["accelerate", "deepspeed"], help="start --nproc workers with torchrun; "
+                   "accelerate trains with DDP or FSDP, deepspeed with ZeRO")
+    d.add_argument("--strategy", choices=["ddp", "fsdp-grad-op", "fsdp-full", "zero2", "zero3"],
+                   help="engine (default: ddp for accelerate, zero2 for deepspeed)")
+    d.add_argument("--nproc", type=int, default=1, help="processes per node (one per GPU)")
+    d.add_argument("--nnodes", type=int, default=1)
+    d.add_argument("--node-rank", type=int, default=0)
+    d.add_argument("--master-addr", default="127.0.0.1")
+    d.add_argument("--master-port", type=int, default=29500)
+    d.add_argument("--slurm", metavar="PATH", help="write a slurm batch script for --nnodes x --nproc GPUs instead of running")
     s = sub.add_parser("sweep", help="run every parameter set of a sweep YAML, continuing past failures")
     s.add_argument("grid", help="sweep file (system, preset, params, grid or runs)")
     sub.add_parser("report", help="write results/README.md from the run directories")
@@ -65,13 +102,18 @@ def _list(results) -> None:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `vlmrepro` command; returns the exit status (2 for bad input, 1 for a failed run)."
     from vlmrepro import runner
+    from vlmrepro.distributed import is_main
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in TOOLS: return _tool(argv[0], argv[1:])
         a = _parser().parse_args(argv)
         if a.cmd == "run":
+            if a.launcher or a.slurm or a.strategy or a.nproc > 1 or a.nnodes > 1:
+                runner.resolve_params(runner.resolve_notebook(a.target)[1], a.preset, dict(a.param))   # bad input fails here, not in N workers
+                if not a.slurm and not a.run_id: raise VlmreproError("a launched run needs --run-id (every process must write to the same run directory)")
+                return _launch(a, argv)
             r = runner.run(a.target, dict(a.param), a.preset, a.run_id, a.results, rerun=a.rerun)
-            print(json.dumps({"run_dir": str(r.run_dir), "status": r.status, "metrics": r.metrics}))
+            if is_main(): print(json.dumps({"run_dir": str(r.run_dir), "status": r.status, "metrics": r.metrics}))
         elif a.cmd == "sweep":
             out = runner.sweep(a.grid, a.results)
             failed = [r for r in out if r.status == "failed"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .distributed import is_main, rank, world_size
 from .core import (VlmreproError, atomic_write, check_names, ensure_writable_dir, git_commit, package_versions,
                            read_json, write_json)
 
@@ -143,17 +144,19 @@ def start_run(run_dir: str | os.PathLike | None = None) -> Path:
     return d
 
 def save_metrics(run_dir: str | os.PathLike, metrics: dict, sources: dict | str) -> Path:
-    "Write a flat `{name: number}` metrics.json and the implementation behind each number."
+    "Write a flat `{name: number}` metrics.json and the implementation behind each number (rank 0 only)."
     bad = [k for k, v in metrics.items() if not METRIC_NAME.match(k) or isinstance(v, bool) or not isinstance(v, (int, float))]
     if bad: raise VlmreproError(f"metrics must map lowercase '<split>/<metric>' names to numbers; offending: {bad}")
     sources = {k: sources for k in metrics} if isinstance(sources, str) else sources
     check_names(set(metrics) - set(sources), [], what="metric without a source")
+    if not is_main(): return Path(run_dir)/"metrics.json"
     write_json(Path(run_dir)/"metric_sources.json", {k: sources[k] for k in metrics})
     return write_json(Path(run_dir)/"metrics.json", {k: float(v) for k, v in metrics.items()})
 
 def save_figure(fig, run_dir: str | os.PathLike, name: str, dpi: int = 100) -> Path:
-    "Save a matplotlib figure as figures/<name>.png (atomically) and return its path."
+    "Save a matplotlib figure as figures/<name>.png (atomically, rank 0 only) and return its path."
     path = Path(run_dir)/"figures"/f"{name}.png"
+    if not is_main(): return path
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
@@ -209,6 +212,7 @@ def run(target: str, params: dict | None = None, preset: str = "tiny", run_id: s
     run_id = run_id or f"run-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     if not RUN_ID.match(run_id): raise VlmreproError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-' (no '/' or '..')")
     run_dir = ensure_writable_dir(results_root(results), "results directory")/system/run_id
+    if world_size() > 1 and not is_main(): return _run_worker(system, nb_path, run_id, run_dir, final, log)
     config = _provenance(system, nb_path, preset, final, overrides, root)
     if (run_dir/"config.json").exists():
         old = read_json(run_dir/"config.json")
@@ -239,6 +243,17 @@ def run(target: str, params: dict | None = None, preset: str = "tiny", run_id: s
     metrics = _read_metrics(run_dir)
     log(f"{system}/{run_id}: done {json.dumps(metrics)}")
     return RunResult(system, run_id, run_dir, "done", metrics, params=final)
+
+def _run_worker(system, nb_path, run_id, run_dir, params, log) -> RunResult:
+    "Ranks other than 0 execute the same notebook with the same run_dir (checkpoints are shared) but write no results."
+    import papermill as pm
+    with tempfile.TemporaryDirectory(prefix=f"vlmrepro-rank{rank()}-") as tmp:
+        try:
+            pm.execute_notebook(str(nb_path), str(Path(tmp)/f"{system}.ipynb"), parameters={**params, "run_dir": str(run_dir)},
+                                kernel_name="python3", cwd=str(nb_path.parent), progress_bar=False)
+        except pm.PapermillExecutionError as e:
+            raise RunFailed(f"{system}/{run_id} failed on rank {rank()} at cell {e.exec_count}: {e.ename}: {e.evalue}") from None
+    return RunResult(system, run_id, run_dir, "done", params=params)
 
 def _read_metrics(run_dir: Path) -> dict:
     return read_json(run_dir/"metrics.json") if (run_dir/"metrics.json").exists() else {}

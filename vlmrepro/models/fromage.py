@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..core import VlmreproError
+from ..distributed import gather_with_local_grad
 from ..data.collate import image_batch
 from ..data.readers import SampleDataset, read_cc3m_tsv
 from ..data.records import BadInputError, Dropped, load_image
@@ -184,15 +185,16 @@ def captioning_loss(model: Fromage, feats: torch.Tensor, ids: torch.Tensor, conc
     return model.lm(inputs_embeds=embs, labels=labels).loss
 
 def retrieval_loss(model: Fromage, feats: torch.Tensor, ids: torch.Tensor, caption_len: torch.Tensor) -> dict:
-    "Text-only `<s> caption [RET]` CE plus symmetric InfoNCE between [RET] and image embeddings."
+    "Text-only `<s> caption [RET]` CE plus symmetric InfoNCE between [RET] and image embeddings (of every rank's batch)."
     labels, _ = caption_labels(ids, [model.tokenizer.pad_token_id])
     n = int(caption_len.max()); _check_positions(model, n)
     out = model.lm(inputs_embeds=model.embedding(ids[:, :n]), labels=labels[:, :n], output_hidden_states=True)
     hidden = model.text_embeddings(out.hidden_states)                                             # (B, T, 256)
     text = F.normalize(hidden[torch.arange(len(ids)), caption_len - 1], dim=-1)                   # at [RET]
     image = model.image_embeddings(feats) * model.logit_scale.exp()
+    image, text = gather_with_local_grad(image), gather_with_local_grad(text)   # upstream's all_gather: the global batch
     logits_per_image = image @ text.T
-    target = torch.arange(len(ids), device=ids.device)
+    target = torch.arange(len(text), device=ids.device)
     nce_t, nce_i = F.cross_entropy(logits_per_image.T, target), F.cross_entropy(logits_per_image, target)
     return {"ret_ce": out.loss, "nce": (nce_t + nce_i) / 2, "ret_acc": (logits_per_image.T.argmax(1) == target).float().mean()}
 
