@@ -132,3 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmrepro: error: {e}", file=sys.stderr); return 2
     except runner.RunFailed as e:
         print(f"vlmrepro: run failed: {e}", file=sys.stderr); return 1
+
+# %% ../nbs/04_cli.ipynb #5c1a0e11
+#| eval: false
+if __name__ == "__main__": sys.exit(main())   # `python -m vlmrepro.cli`: what the launched workers run
