@@ -206,9 +206,10 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     sampler = getattr(loader, "sampler", None)
     opt = optimizer or default_optimizer(model, cfg)
     prepare_strategy(acc, model)
-    if splits_itself(loader):
+    if splits_itself(loader):   # a stream that reads only its rank's shards
         from accelerate.utils import send_to_device
         (step, opt), to_device = acc.prepare(_Step(model), opt), lambda b: send_to_device(b, acc.device)
+        if getattr(loader.dataset, "auto_rank", False): loader.dataset.set_rank(acc.process_index, acc.num_processes)
     else: (step, opt, loader), to_device = acc.prepare(_Step(model), opt, loader), lambda b: b
     total = _total_steps(loader, cfg)   # after prepare: this rank's share of the batches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))

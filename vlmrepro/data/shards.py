@@ -13,7 +13,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core import VlmreproError, atomic_write, write_json, read_json, ensure_writable_dir
-from .. import distributed
 from .records import Sample, BadInputError, Dropped, DropLog, load_image
 
 # %% auto #0
@@ -172,16 +171,21 @@ def decode_group(key: str, group: dict, shard: str = "", decode: bool = True) ->
 # %% ../../nbs/11_data_shards.ipynb #e578eaf2
 class ShardDataset(torch.utils.data.IterableDataset):
     "Samples streamed from WebDataset tar shards, split by rank and worker, with a seeded shuffle buffer."
-    splits_by_rank = True   # `fit` must not let accelerate split it a second time
+    splits_by_rank = True   # `fit` hands it its rank (`set_rank`) instead of letting accelerate split the batches
     def __init__(self, shards, shuffle_buffer: int = 0, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, decode: bool = True, transform=None):
         self.shards, self.shuffle_buffer, self.seed, self.epoch = shard_paths(shards), shuffle_buffer, seed, 0
-        if rank is None or world_size is None:   # the process group, or the launcher's RANK/WORLD_SIZE before it exists
-            rank, world_size = distributed.rank(), distributed.world_size()
+        self.auto_rank = rank is None or world_size is None
+        if self.auto_rank: rank, world_size = 0, 1      # every shard, until `fit` trains on it and sets this rank's share
         if not 0 <= rank < world_size: raise VlmreproError(f"rank {rank} is outside world_size {world_size}")
         self.rank, self.world_size, self.decode, self.transform = rank, world_size, decode, transform
 
     def set_epoch(self, epoch: int): self.epoch = epoch
+
+    def set_rank(self, rank: int, world_size: int):
+        "Read only this rank's shards from now on (`fit` calls it for a training stream built without a rank)."
+        if not 0 <= rank < world_size: raise VlmreproError(f"rank {rank} is outside world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
 
     def total_samples(self) -> int | None:
         "Samples in all shards (every rank), from the `{shard}_stats.json` files `write_shards` leaves; None if any is absent."
