@@ -93,8 +93,11 @@ def read_json(path: str | os.PathLike):
     "Read a JSON file, with an error that names the file when it is missing or malformed."
     path = Path(path)
     if not path.exists(): raise VlmreproError(f"{path}: file not found")
+    if path.is_dir(): raise VlmreproError(f"{path}: is a directory, not a JSON file; pass the file")
     try: return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise VlmreproError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise VlmreproError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    except RecursionError: raise VlmreproError(f"{path}: JSON nested too deeply to read; fix or delete the file") from None
+    except OSError as e: raise VlmreproError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
 
 # %% ../nbs/00_core.ipynb #8345fbc6
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
