@@ -355,3 +355,16 @@ def test_ocr_feature_reader_names_a_damaged_file(tmp_path, data):
     from vlmrepro.experts import read_word_features
     p = tmp_path/"words.safetensors"; p.write_bytes(data)
     with pytest.raises(VlmreproError, match="words.safetensors"): read_word_features(p)
+
+
+@pytest.mark.xfail(strict=True, reason="experts.list_images takes a Prismer list's 'image' as given, so '../../x.jpg' or '/abs.jpg' "
+                   "becomes a relative path with '..' and the label is then WRITTEN outside --label-root; fix in nbs/46_experts: "
+                   "skip (and count) rows whose image is absolute or whose normpath starts with '..', as data.readers._inside does")
+@pytest.mark.parametrize("bad", ["../../outside.jpg", "/etc/passwd"])
+def test_experts_data_list_traversal_is_rejected(tmp_path, bad):
+    from vlmrepro.experts import list_images
+    (tmp_path/"images").mkdir(); (tmp_path/"prismer").mkdir()
+    (tmp_path/"prismer"/"caption_train.json").write_text(json.dumps([{"image": "images/a.jpg"}, {"image": bad}]))
+    try: rels = list_images(tmp_path/"images", [tmp_path/"prismer"/"caption_train.json"])
+    except VlmreproError as e: assert "caption_train.json" in str(e); return
+    assert all(not os.path.isabs(r) and not os.path.normpath(r).startswith("..") for r in rels), rels
