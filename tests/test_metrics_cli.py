@@ -41,8 +41,8 @@ def test_vizwiz_subset_cli(files, capsys):
 
 
 def test_bad_arguments_and_files(files):
-    with pytest.raises(SystemExit): eval_main(["captions", "--gt", str(files/"coco.json")])
-    with pytest.raises(SystemExit): eval_main(["bleu"])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["captions", "--gt", str(files/"coco.json")])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["bleu"])
     with pytest.raises(VlmreproError, match="not valid JSON"):
         (files/"broken.json").write_text("[{")
         eval_main(["captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])

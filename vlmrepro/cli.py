@@ -19,6 +19,7 @@ TOOLS = {  # name: (module, function, one line)
     "zoo": ("vlmrepro.models.zoo", "zoo_main", "list or build the pretrained tiny backbones"),
     "experts": ("vlmrepro.experts", "experts_main", "run Prismer's modality experts over a dataset (resumable)"),
     "docs": ("vlmrepro.docs", "docs_main", "build the documentation site offline"),
+    "bench": ("vlmrepro.bench", "bench_main", "run every benchmark side by side and write results/benchmarks/README.md"),
 }
 
 def _tool(name: str, argv: list[str]) -> int:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #dacf67f1
 from __future__ import annotations
-import contextlib, hashlib, importlib.metadata, json, os, random, subprocess, tempfile
+import contextlib, hashlib, importlib.metadata, json, os, random, shutil, subprocess, tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'CORE_PACKAGES', 'VlmreproError', 'check_names', 'seed_everything', 'pick_device', 'pick_precision',
-           'atomic_write', 'write_json', 'read_json', 'sha256_file', 'ensure_writable_dir', 'cache_dir', 'git_commit',
-           'package_versions']
+           'atomic_write', 'write_json', 'read_json', 'sha256_file', 'min_free_mb', 'ensure_writable_dir', 'cache_dir',
+           'git_commit', 'package_versions']
 
 # %% ../nbs/00_core.ipynb #ff60d362
 class VlmreproError(Exception):
@@ -93,8 +93,11 @@ def read_json(path: str | os.PathLike):
     "Read a JSON file, with an error that names the file when it is missing or malformed."
     path = Path(path)
     if not path.exists(): raise VlmreproError(f"{path}: file not found")
+    if path.is_dir(): raise VlmreproError(f"{path}: is a directory, not a JSON file; pass the file")
     try: return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise VlmreproError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise VlmreproError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    except RecursionError: raise VlmreproError(f"{path}: JSON nested too deeply to read; fix or delete the file") from None
+    except OSError as e: raise VlmreproError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
 
 # %% ../nbs/00_core.ipynb #8345fbc6
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -104,14 +107,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk): h.update(block)
     return h.hexdigest()
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "directory") -> Path:
-    "Create `path` if needed and prove it is writable, before any work starts."
+def min_free_mb() -> float:
+    "Free space (MiB) a directory must have before work that writes to it starts: $VLMREPRO_MIN_FREE_MB, default 100 (0: no check)."
+    raw = os.environ.get("VLMREPRO_MIN_FREE_MB", "100")
+    try: return max(0.0, float(raw))
+    except ValueError: raise VlmreproError(f"VLMREPRO_MIN_FREE_MB must be a number of MiB, got {raw!r}") from None
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "directory", min_free: float | None = None) -> Path:
+    "Create `path` if needed and prove it is writable and has `min_free` MiB free (default `min_free_mb()`), before any work starts."
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path); os.close(fd); os.unlink(probe)
     except OSError as e:
         raise VlmreproError(f"{what} {path} is not writable ({e.strerror}); choose another location or fix its permissions") from None
+    need = min_free_mb() if min_free is None else min_free
+    if need:
+        free = shutil.disk_usage(path).free / 2**20
+        if free < need:
+            raise VlmreproError(f"{what} {path} has only {free:.0f} MiB free, less than the {need:g} MiB needed to start; free some "
+                                f"space or choose another location (VLMREPRO_MIN_FREE_MB sets the threshold)")
     return path
 
 # %% ../nbs/00_core.ipynb #ad08a551

@@ -151,10 +151,13 @@ def map_safetensors(path, name: str = "embeddings") -> np.memmap:
         try: n = struct.unpack("<Q", f.read(8))[0]; head = json.loads(f.read(n))
         except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VlmreproError(f"{path}: not a safetensors file ({e}); rebuild the index") from None
-    if name not in head: raise VlmreproError(f"{path}: no tensor named {name!r} (has {[k for k in head if k != '__metadata__']})")
-    info = head[name]; a, b = info["data_offsets"]; dt = _st_dtype(info["dtype"], path)
-    shape = tuple(info["shape"])
-    if b - a != int(np.prod(shape)) * dt.itemsize or os.path.getsize(path) < 8 + n + b:
+    if not isinstance(head, dict) or name not in head:
+        raise VlmreproError(f"{path}: no tensor named {name!r}; rebuild the index")
+    try:
+        info = head[name]; a, b = (int(x) for x in info["data_offsets"]); dt = _st_dtype(info["dtype"], path)
+        shape = tuple(int(s) for s in info["shape"])
+    except (KeyError, TypeError, ValueError) as e: raise VlmreproError(f"{path}: malformed safetensors header ({e!r}); rebuild the index") from None
+    if len(shape) != 2 or min(shape) < 0 or a < 0 or b - a != int(np.prod(shape)) * dt.itemsize or os.path.getsize(path) < 8 + n + b:
         raise VlmreproError(f"{path}: truncated or inconsistent (header says {shape} {info['dtype']}); rebuild the index")
     return np.memmap(path, dtype=dt, mode="r", offset=8 + n + a, shape=shape)
 
@@ -175,11 +178,20 @@ class RetrievalIndex:
         if not (d/"index.json").exists(): raise VlmreproError(f"{d}: no index.json; pass a directory written by build_index")
         meta = read_json(d/"index.json")
         if meta.get("format") != INDEX_FORMAT: raise VlmreproError(f"{d}/index.json: not a {INDEX_FORMAT} (format {meta.get('format')!r})")
+        if meta.get("file") not in ("embeddings.safetensors", "embeddings.npy"):   # a plain name: no path can leave the index
+            raise VlmreproError(f"{d}/index.json: 'file' must be embeddings.safetensors or embeddings.npy, got {meta.get('file')!r}")
         f = d/meta["file"]
         if not f.exists(): raise VlmreproError(f"{f}: embeddings file missing; rebuild the index")
-        emb = map_safetensors(f) if f.suffix == ".safetensors" else np.load(f, mmap_mode="r")
+        if f.suffix == ".safetensors": emb = map_safetensors(f)
+        else:
+            try: emb = np.load(f, mmap_mode="r")                      # allow_pickle stays False: object arrays are refused
+            except (ValueError, OSError, EOFError) as e: raise VlmreproError(f"{f}: not a numeric .npy array ({e}); rebuild the index") from None
+            if emb.ndim != 2 or emb.dtype.kind != "f": raise VlmreproError(f"{f}: expected a 2-D float array, got {emb.dtype} {emb.shape}; rebuild the index")
+        paths = read_json(d/"paths.json")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise VlmreproError(f"{d}/paths.json: must be a JSON list of strings (one locator per row); rebuild the index")
         if image_root is not None: meta = {**meta, "image_root": str(image_root)}
-        return cls(emb, read_json(d/"paths.json"), meta, d)
+        return cls(emb, paths, meta, d)
 
     def __len__(self): return len(self.paths)
     @property

@@ -66,10 +66,36 @@ def _image_dir(root: Path, split: str, image_dir=None) -> Path:
     raise VlmreproError(f"no image directory for split {split!r} under {root} (looked for {split}/, {split}2014/, {split}2017/, "
                         f"images/{split}/); pass image_dir=")
 
-def _check_image(path: Path, log: DropLog) -> bool:
-    "True if the image file exists; otherwise count it as missing."
+def _check_image(path: Path | None, log: DropLog) -> bool:
+    "True if the image file exists; otherwise count it as missing (None: already dropped as an unsafe path)."
+    if path is None: return False
     if path.is_file(): return True
     log.drop("missing image", str(path)); return False
+
+def _inside(base: Path, rel, log: DropLog, source: str) -> Path | None:
+    "`base/rel` when `rel` is a relative path that stays under `base`; else count an 'unsafe path' drop and return None."
+    rel = str(rel)
+    norm = os.path.normpath(rel) if rel else ""
+    if not rel or "\0" in rel or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+        log.drop("unsafe path", source, f"{rel[:80]!r} is absolute or leaves the data root; image paths must be relative to it")
+        return None
+    return base/rel
+
+def _doc(path: Path, kind: type = dict):
+    "The JSON document at `path`, which must be a `kind` (an object or a list) at the top."
+    data = read_json(path)
+    if not isinstance(data, kind):
+        raise VlmreproError(f"{path}: expected a JSON {'object' if kind is dict else 'list'} at the top, got {type(data).__name__}; "
+                            "is this the right annotation file?")
+    return data
+
+def _list_field(data: dict, key: str, path: Path) -> list:
+    "`data[key]` (default []), which must be a list."
+    v = data.get(key, [])
+    if not isinstance(v, list): raise VlmreproError(f"{path}: '{key}' must be a list, got {type(v).__name__}")
+    return v
+
+def _is_id(x) -> bool: return isinstance(x, (int, str)) and not isinstance(x, bool)
 
 def _root(root) -> Path:
     root = Path(root)
@@ -83,20 +109,20 @@ def read_coco_captions(root, split: str, image_dir=None, ann_file=None, max_bad_
     root = _root(root)
     path = _ann_file(root, [f"annotations/captions_{split}.json", f"annotations/captions_{split}2014.json",
                             f"annotations/captions_{split}2017.json"], f"COCO captions {split}", ann_file)
-    data, imdir = read_json(path), _image_dir(root, split, image_dir)
+    data, imdir = _doc(path), _image_dir(root, split, image_dir)
     log, caps, images = DropLog(f"COCO captions {path.name}", max_bad_fraction), {}, {}
-    for i, im in enumerate(data.get("images", [])):
-        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+    for i, im in enumerate(_list_field(data, "images", path)):
+        if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str):
             log.drop("malformed row", f"{path.name} images[{i}]"); continue
         images[im["id"]] = im
-    for i, a in enumerate(data.get("annotations", [])):
-        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or a.get("image_id") not in images:
+    for i, a in enumerate(_list_field(data, "annotations", path)):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
             log.drop("malformed row", f"{path.name} annotations[{i}]"); continue
         caps.setdefault(a["image_id"], []).append(a["caption"].strip())
     out, filtered = [], Counter()
     for iid, im in images.items():
         if iid not in caps: filtered["image without captions"] += 1; continue
-        p = imdir/im["file_name"]
+        p = _inside(imdir, im["file_name"], log, f"{path.name} image {iid}")
         if _check_image(p, log):
             log.ok(); out.append(Sample(image=p, image_id=iid, image_path=str(p), split=split, captions=caps[iid]))
     return _finish(out, log, filtered, str(path), verify, verbose)
@@ -108,11 +134,14 @@ def read_karpathy(root, split: str, ann_file=None, max_bad_fraction: float = 0.0
     path = _ann_file(root, ["annotations/dataset_coco.json", "dataset_coco.json"], f"Karpathy {split}", ann_file)
     keep = {"train", "restval"} if split == "train" else {split}
     log, out = DropLog(f"Karpathy {split}", max_bad_fraction), []
-    for i, im in enumerate(read_json(path).get("images", [])):
-        if isinstance(im, dict) and im.get("split") is not None and im["split"] not in keep: continue   # another split's row
-        try: fp, fn, sents = im.get("filepath", ""), im["filename"], [s["raw"] for s in im["sentences"]]
+    for i, im in enumerate(_list_field(_doc(path), "images", path)):
+        if isinstance(im, dict) and isinstance(im.get("split"), str) and im["split"] not in keep: continue   # another split's row
+        try:
+            fp, fn, sents = im.get("filepath", ""), im["filename"], [s["raw"] for s in im["sentences"]]
+            if im.get("split") is not None and not isinstance(im["split"], str): raise TypeError
+            if not (isinstance(fp, str) and isinstance(fn, str) and all(isinstance(s, str) for s in sents)): raise TypeError
         except (KeyError, TypeError, AttributeError): log.drop("malformed row", f"{path.name} images[{i}]"); continue
-        p = root/fp/fn
+        p = _inside(root, os.path.join(str(fp), str(fn)), log, f"{path.name} images[{i}]")
         if _check_image(p, log):
             log.ok(); out.append(Sample(image=p, image_id=im.get("cocoid", im.get("imgid")), image_path=str(p), split=split,
                                         captions=[s.strip() for s in sents]))
@@ -124,17 +153,17 @@ def read_vizwiz(root, split: str, image_dir=None, ann_file=None, max_bad_fractio
     "One sample per VizWiz image with its usable captions (rejected and precanned ones filtered)."
     root = _root(root)
     path = _ann_file(root, [f"annotations/{split}.json"], f"VizWiz {split}", ann_file)
-    data, imdir = read_json(path), _image_dir(root, split, image_dir)
+    data, imdir = _doc(path), _image_dir(root, split, image_dir)
     log, filtered, images, caps = DropLog(f"VizWiz {path.name}", max_bad_fraction), Counter(), {}, {}
-    for i, im in enumerate(data.get("images", [])):
-        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+    for i, im in enumerate(_list_field(data, "images", path)):
+        if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str):
             log.drop("malformed row", f"{path.name} images[{i}]"); continue
         images[im["id"]] = im
     has_anns = "annotations" in data
     if not has_anns and not split.startswith("test"):
         raise VlmreproError(f"{path}: VizWiz {split} has no 'annotations'; only the test split comes with images only")
-    for i, a in enumerate(data.get("annotations", [])):
-        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or a.get("image_id") not in images:
+    for i, a in enumerate(_list_field(data, "annotations", path)):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
             log.drop("malformed row", f"{path.name} annotations[{i}]"); continue
         if a.get("is_rejected"): filtered["rejected caption"] += 1; continue
         if a.get("is_precanned"): filtered["precanned caption"] += 1; continue
@@ -142,7 +171,7 @@ def read_vizwiz(root, split: str, image_dir=None, ann_file=None, max_bad_fractio
     out = []
     for iid, im in images.items():
         if has_anns and iid not in caps: filtered["image with no usable caption"] += 1; continue
-        p = imdir/im["file_name"]
+        p = _inside(imdir, im["file_name"], log, f"{path.name} image {iid}")
         if _check_image(p, log):
             log.ok(); out.append(Sample(image=p, image_id=iid, image_path=str(p), split=split, captions=caps.get(iid, []),
                                         meta={"text_detected": bool(im.get("text_detected", False))}))
@@ -157,7 +186,7 @@ def read_vqav2(root, split: str, image_dir=None, questions_file=None, annotation
     qpath = _ann_file(root, [f"annotations/v2_OpenEnded_mscoco_{split}_questions.json",
                              f"annotations/v2_OpenEnded_mscoco_{split}2014_questions.json",
                              f"annotations/v2_OpenEnded_mscoco_{split}2015_questions.json"], f"VQAv2 {split} questions", questions_file)
-    qdata, imdir = read_json(qpath), _image_dir(root, split, image_dir)
+    qdata, imdir = _doc(qpath), _image_dir(root, split, image_dir)
     subtype = qdata.get("data_subtype", split)
     name = image_name or (lambda iid, sub: f"COCO_{sub}_{int(iid):012d}.jpg")
     apath = annotations_file or next((root/c for c in (f"annotations/v2_mscoco_{split}_annotations.json",
@@ -167,16 +196,20 @@ def read_vqav2(root, split: str, image_dir=None, questions_file=None, annotation
                             f"under {root/'annotations'}); only test splits come without answers. Pass annotations_file=")
     anns, log = {}, DropLog(f"VQAv2 {qpath.name}", max_bad_fraction)
     if apath is not None:
-        for i, a in enumerate(read_json(apath).get("annotations", [])):
-            try: anns[a["question_id"]] = (a, [x["answer"] for x in a["answers"]])
+        for i, a in enumerate(_list_field(_doc(Path(apath)), "annotations", Path(apath))):
+            try:
+                answers = [x["answer"] for x in a["answers"]]
+                if not (_is_id(a["question_id"]) and all(isinstance(x, str) for x in answers)): raise TypeError
+                anns[a["question_id"]] = (a, answers)
             except (KeyError, TypeError): log.drop("malformed row", f"{Path(apath).name} annotations[{i}]")
     out = []
-    for i, q in enumerate(qdata.get("questions", [])):
-        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or "image_id" not in q or "question_id" not in q:
+    for i, q in enumerate(_list_field(qdata, "questions", qpath)):
+        if (not isinstance(q, dict) or not isinstance(q.get("question"), str) or not _is_id(q.get("question_id"))
+                or not (_is_id(q.get("image_id")) and str(q["image_id"]).isdigit())):
             log.drop("malformed row", f"{qpath.name} questions[{i}]"); continue
         a, answers = anns.get(q["question_id"], (None, []))
         if apath is not None and a is None: log.drop("question without annotation", f"{qpath.name} question_id {q['question_id']}"); continue
-        p = imdir/name(q["image_id"], subtype)
+        p = _inside(imdir, name(q["image_id"], subtype), log, f"{qpath.name} questions[{i}]")
         if not _check_image(p, log): continue
         log.ok()
         out.append(Sample(image=p, image_id=q["image_id"], image_path=str(p), split=split, question=q["question"],
@@ -197,9 +230,9 @@ def read_vqax(root, split: str, image_dir=None, ann_file=None, max_bad_fraction:
     for qid, it in data.items():
         try:
             q, answers, expl, img = it["question"], [a["answer"] for a in it["answers"]], list(it["explanation"]), it["image_name"]
-            if not (isinstance(q, str) and answers and expl and all(isinstance(e, str) for e in expl)): raise ValueError
+            if not (isinstance(q, str) and answers and expl and all(isinstance(e, str) for e in expl + answers) and isinstance(img, str)): raise ValueError
         except (KeyError, TypeError, ValueError): log.drop("malformed row", f"{path.name} [{qid}]"); continue
-        p = imdir/img
+        p = _inside(imdir, img, log, f"{path.name} [{qid}]")
         if not _check_image(p, log): continue
         log.ok()
         out.append(Sample(image=p, image_id=it.get("image_id"), image_path=str(p), split=split, question=q,
@@ -225,7 +258,7 @@ def read_cc3m_tsv(root, split: str, image_dir=None, tsv_file=None, caption_col: 
             if not line.strip(): continue
             if len(row) != len(header) or not row[ci].strip() or not row[ii].strip():
                 log.drop("malformed row", f"{path.name}:{ln}"); continue
-            p = imdir/row[ii]
+            p = _inside(imdir, row[ii], log, f"{path.name}:{ln}")
             if not _check_image(p, log): continue
             log.ok(); out.append(Sample(image=p, image_id=row[ii], image_path=str(p), split=split, captions=[row[ci].strip()]))
     return _finish(out, log, Counter(), str(path), verify, verbose)
@@ -242,8 +275,11 @@ def load_expert(path, expert: str, size: int) -> np.ndarray:
     if path is None or not Path(path).exists():
         fill = 255 if expert in ("obj_detection", "ocr_detection") else 0
         return np.full((size, size, 3) if expert == "normal" else (size, size), fill, np.uint8)
-    return np.asarray(load_image(path, str(path)).resize((size, size), Image.NEAREST) if expert == "normal"
-                      else Image.open(path).resize((size, size), Image.NEAREST))
+    if expert == "normal": return np.asarray(load_image(path, str(path)).resize((size, size), Image.NEAREST))
+    try:
+        with Image.open(path) as im: return np.asarray(im.resize((size, size), Image.NEAREST))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
+        raise BadInputError("corrupt expert label", str(path), f"{e}; delete it and run 'vlmrepro experts' again to rewrite it") from None
 
 def read_prismer(root, split: str, task: str = "caption", experts=(), dataset: str = "synth", list_file=None,
                  image_root=None, label_root=None, max_bad_fraction: float = 0.01, verify: bool = False,
@@ -262,9 +298,10 @@ def read_prismer(root, split: str, task: str = "caption", experts=(), dataset: s
             ("vqa", False): ("question", "question_id")}[(task, split == "train")]
     log, filtered, out = DropLog(f"Prismer {path.name}", max_bad_fraction), Counter(), []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not isinstance(r.get("image"), str) or any(k not in r for k in need):
+        if (not isinstance(r, dict) or not isinstance(r.get("image"), str) or any(k not in r for k in need)
+                or any(not isinstance(r[k], str) for k in ("caption", "question", "answer") if k in r)):
             log.drop("malformed row", f"{path.name}[{i}]"); continue
-        p = root/r["image"]
+        p = _inside(root, r["image"], log, f"{path.name}[{i}]")
         if not _check_image(p, log): continue
         rel = os.path.relpath(p, image_root)
         ex = {}

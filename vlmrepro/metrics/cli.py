@@ -9,13 +9,14 @@ import argparse, json, sys
 from ..core import VlmreproError, read_json, write_json
 from .caption import evaluate_captions
 from .vqa import evaluate_vqa
+from ..data.records import CliParser
 
 # %% auto #0
 __all__ = ['eval_main']
 
 # %% ../../nbs/24_metrics_cli.ipynb #13b57ace
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmrepro eval", description="Evaluate a predictions file; prints JSON metrics.")
+    p = CliParser(prog="vlmrepro eval", description="Evaluate a predictions file; prints JSON metrics.")
     sub = p.add_subparsers(dest="task", required=True)
     c = sub.add_parser("captions", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (+ SPICE) of predicted captions")
     c.add_argument("--pred", required=True, help="predictions JSON: [{'image_id', 'caption'}]")
@@ -31,14 +32,22 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--subset", action="store_true", help="score only the questions that have a prediction")
     return p
 
+def _doc(path: str, what: str):
+    "A JSON file's content, which must be an object or a list (a bare string would be taken for a path downstream)."
+    data = read_json(path)
+    if not isinstance(data, (dict, list)):
+        raise VlmreproError(f"{path}: the {what} file must hold a JSON object or list, got {type(data).__name__}")
+    return data
+
 def eval_main(argv: list[str] | None = None) -> int:
     "Run `vlmrepro eval captions|vqa` with `argv`; print the metrics as one JSON object; return 0."
     args = _parser().parse_args(argv)
     if args.task == "captions":
-        res = evaluate_captions(read_json(args.gt), read_json(args.pred), fast=args.fast, spice=args.spice,
+        res = evaluate_captions(_doc(args.gt, "ground truth"), _doc(args.pred, "predictions"), fast=args.fast, spice=args.spice,
                                 subset=args.subset, per_image=bool(args.per_image))
         if args.per_image: write_json(args.per_image, res.pop("per_image"))
     else:
-        res = evaluate_vqa(read_json(args.pred), read_json(args.annotations), read_json(args.questions), subset=args.subset)
+        res = evaluate_vqa(_doc(args.pred, "predictions"), _doc(args.annotations, "annotations"), _doc(args.questions, "questions"),
+                           subset=args.subset)
     print(json.dumps(res, ensure_ascii=False))
     return 0
