@@ -64,14 +64,8 @@ def _experts(out):
     experts_main(["--data", str(WORLD["root"]), "--label-root", str(out), "--experts", "edge", "--backend", "edge=classic"])
 
 
-_FIT_FIX = ("fit creates out_dir with a bare mkdir and opens metrics.jsonl later: a raw OSError, and no free-space check; "
-            "fix in nbs/02_train: `out_dir = ensure_writable_dir(out_dir, 'training output directory')` on the main process "
-            "before acc.prepare")
-_EXPERTS_FIX = ("experts_main writes classes.json and labels without checking the label root first: a raw OSError, no free-space "
-                "check; fix in nbs/46_experts: `label_root = ensure_writable_dir(label_root, 'label directory')` in experts_main")
 CASES = [pytest.param(_runner, id="runner"), pytest.param(_zoo, id="zoo"),
-         pytest.param(_fit, id="fit", marks=pytest.mark.xfail(strict=True, reason=_FIT_FIX)),
-         pytest.param(_experts, id="experts", marks=pytest.mark.xfail(strict=True, reason=_EXPERTS_FIX))]
+         pytest.param(_fit, id="fit"), pytest.param(_experts, id="experts")]
 
 
 @pytest.mark.parametrize("job", CASES)

@@ -53,7 +53,7 @@ def test_no_broken_internal_links(site):
 def test_every_module_and_paper_has_a_page(site):
     for system, nb in find_systems().items():
         assert (site / f"{paper_page(nb)}.html").exists(), system
-    for page in ("core", "train", "runner", "cli", "backbones", "zoo", "results", "gpu_guide"):
+    for page in ("core", "train", "runner", "cli", "backbones", "zoo", "results", "gpu_guide", "scaling"):
         assert (site / f"{page}.html").exists(), page
 
 

@@ -183,8 +183,6 @@ def test_shard_reader_on_damaged_tars(tmp_path, cut, flip, json_doc):
         assert isinstance(s, (Sample, Dropped)), s
 
 
-@pytest.mark.xfail(strict=True, reason="shards.iter_tar_groups keys a member by its last path part, so '../../etc/x.jpg' is read "
-                   "as sample 'x' instead of being rejected; fix in nbs/11_data_shards (owned by the scale-out helper)")
 @pytest.mark.parametrize("name", ["../../evil.jpg", "/abs/evil.jpg", "a/../../evil.jpg"])
 def test_tar_member_traversal_is_rejected(tmp_path, name):
     from vlmrepro.data.records import Dropped
@@ -303,8 +301,6 @@ def test_run_param_coercion(default, text):
     elif isinstance(default, str): assert isinstance(v, str)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="coerce_value lets yaml.safe_load's int() raise ValueError past Python's "
-                   "4300-digit limit; fix in nbs/03_runner: catch ValueError beside yaml.YAMLError")
 def test_run_param_with_a_huge_integer():
     from vlmrepro.runner import coerce_value
     with pytest.raises(VlmreproError, match="'k'"): coerce_value("k", "1" * 5000, 0)
@@ -314,17 +310,14 @@ def test_run_param_with_a_huge_integer():
 @given(spec=st.dictionaries(st.sampled_from(["system", "grid", "runs", "params", "x"]), JSON, max_size=3) | st.fixed_dictionaries({"system": either("quickstart"), "grid": either({"seed": [0, 1]})}, optional={
     "params": JSON, "runs": JSON, "name": either("s"), "preset": either("tiny")}))
 def test_sweep_spec(spec):
-    "A parsed sweep mapping (non-mappings: see the xfail below) gives parameter dicts or a VlmreproError."
+    "A parsed sweep spec gives parameter dicts or a VlmreproError."
     from vlmrepro.runner import sweep_runs
     try: runs = sweep_runs(spec)
     except VlmreproError as e: assert str(e); return
     assert isinstance(runs, list) and all(isinstance(r, dict) for r in runs)
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="runner.sweep checks `'system' not in spec` on whatever YAML gave, "
-                 "so a file holding a number raises TypeError; fix in nbs/03_runner (owned by the scale-out helper)")) for t in ("5", "1.5")]
-    + ["- a\n- b\n", "just words"])
+@pytest.mark.parametrize("text", ["5", "1.5", "- a\n- b\n", "just words"])
 def test_sweep_file_that_is_not_a_mapping(tmp_path, text):
     from vlmrepro.runner import sweep
     p = tmp_path/"s.yaml"; p.write_text(text)
@@ -347,9 +340,6 @@ def test_pack_cli_usage_and_bad_input(tmp_path, root):
         with pytest.raises(VlmreproError): pack_main(argv)
 
 
-@pytest.mark.xfail(strict=True, reason="experts.read_word_features lets safetensors' SafetensorError through for a damaged OCR "
-                   "feature file; fix in nbs/46_experts: catch it (and a missing 'features' tensor) and raise BadInputError(\"corrupt "
-                   "expert label\", path, \"delete it and run 'vlmrepro experts' again\")")
 @pytest.mark.parametrize("data", [b"", b"garbage!", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])
 def test_ocr_feature_reader_names_a_damaged_file(tmp_path, data):
     from vlmrepro.experts import read_word_features
@@ -357,9 +347,6 @@ def test_ocr_feature_reader_names_a_damaged_file(tmp_path, data):
     with pytest.raises(VlmreproError, match="words.safetensors"): read_word_features(p)
 
 
-@pytest.mark.xfail(strict=True, reason="experts.list_images takes a Prismer list's 'image' as given, so '../../x.jpg' or '/abs.jpg' "
-                   "becomes a relative path with '..' and the label is then WRITTEN outside --label-root; fix in nbs/46_experts: "
-                   "skip (and count) rows whose image is absolute or whose normpath starts with '..', as data.readers._inside does")
 @pytest.mark.parametrize("bad", ["../../outside.jpg", "/etc/passwd"])
 def test_experts_data_list_traversal_is_rejected(tmp_path, bad):
     from vlmrepro.experts import list_images

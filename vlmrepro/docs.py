@@ -71,7 +71,8 @@ def collect_pages(root: Path, proc: Path, results: Path) -> list[tuple[str, str,
         executed = results/system/"tiny"/f"{system}.ipynb"
         pages.append(("Papers", paper_page(nb) + ".ipynb", executed if executed.exists() else proc/"papers"/nb.name))
     if (results/"README.md").exists(): pages.append(("Results", "results.md", results/"README.md"))
-    if (root/"nbs"/"gpu_guide.md").exists(): pages.append(("Guides", "gpu_guide.md", root/"nbs"/"gpu_guide.md"))
+    for guide in ("gpu_guide.md", "scaling.md"):
+        if (root/"nbs"/guide).exists(): pages.append(("Guides", guide, root/"nbs"/guide))
     return pages
 
 # %% ../nbs/05_docs.ipynb #8d515dcb

@@ -4,7 +4,8 @@
 
 # %% ../nbs/46_experts.ipynb #b0ded834
 from __future__ import annotations
-import json, os, re, shutil, subprocess, tempfile
+import json, os, re, shutil, subprocess, tempfile, warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,9 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import VlmreproError, atomic_write, read_json
+from .core import VlmreproError, atomic_write, ensure_writable_dir, read_json
 from .data.readers import PRISMER_EXPERTS, expert_label_path
-from .data.records import CliParser, load_image
+from .data.records import BadInputError, CliParser, load_image
 
 # %% auto #0
 __all__ = ['EXPERTS', 'ALIASES', 'INSTANCE_EXPERTS', 'IMAGE_SUFFIXES', 'BACKENDS', 'parse_experts', 'Label', 'Expert',
@@ -341,8 +342,13 @@ def write_label(files: dict[str, Path], label: Label) -> None:
 
 def read_word_features(path) -> tuple[np.ndarray, str]:
     "(features (n, D), the text encoder that made them) of an OCR label."
-    from safetensors import safe_open
-    with safe_open(str(path), "np") as f: return f.get_tensor("features"), (f.metadata() or {}).get("source", "")
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "np") as f:
+            if "features" not in f.keys(): raise KeyError("features")
+            return f.get_tensor("features"), (f.metadata() or {}).get("source", "")
+    except (SafetensorError, KeyError, OSError, ValueError) as e:
+        raise BadInputError("corrupt expert label", str(path), f"{e}; delete it and run 'vlmrepro experts' again") from None
 
 # %% ../nbs/46_experts.ipynb #5aaf1462
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -353,14 +359,18 @@ def list_images(image_root, lists=()) -> list[str]:
     if not image_root.is_dir(): raise VlmreproError(f"image root {image_root} is not a directory; pass --image-root")
     if not lists:
         return sorted(p.relative_to(image_root).as_posix() for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    rels = {}
+    rels, unsafe = {}, Counter()
     for lf in lists:
         rows = read_json(lf)
         if not isinstance(rows, list): raise VlmreproError(f"{lf}: a Prismer data list must be a JSON list of rows")
         base = Path(lf).parent.parent if Path(lf).parent.name == "prismer" else Path(lf).parent
         for r in rows:
             if not isinstance(r, dict) or "image" not in r: raise VlmreproError(f"{lf}: a row without 'image': {str(r)[:80]}")
-            rels[os.path.relpath(base/r["image"], image_root)] = True
+            rel = os.path.relpath(base/str(r["image"]), image_root)
+            if os.path.isabs(str(r["image"])) or rel == ".." or rel.startswith(".." + os.sep): unsafe[str(lf)] += 1; continue
+            rels[rel] = True
+    for lf, n in unsafe.items():   # a label is never written outside the label root
+        warnings.warn(f"{lf}: skipped {n} row(s) whose image is an absolute path or outside the image root {image_root}")
     return sorted(rels)
 
 @dataclass
@@ -447,7 +457,7 @@ def experts_main(argv: list[str] | None = None) -> int:
     if not root.is_dir(): raise VlmreproError(f"--data {root}: no such directory")
     is_world = (root/"world.json").exists()
     image_root = Path(a.image_root) if a.image_root else (root/"images" if (root/"images").is_dir() else root)
-    label_root = Path(a.label_root) if a.label_root else root/"labels"
+    label_root = ensure_writable_dir(Path(a.label_root) if a.label_root else root/"labels", "label directory")
     names, backends, ckpts = parse_experts(a.experts), _pairs(a.backend, "backend"), _pairs(a.checkpoint, "checkpoint")
     text = TextFeatures(a.text_encoder) if "ocr_detection" in names else None
     experts = [build_expert(n, backends.get(n), ckpts.get(n), root, text, a.device) for n in names]

@@ -102,7 +102,8 @@ def coerce_value(name: str, value, default):
     "Parse a command-line string (or check a YAML value) against the type of `default`."
     if isinstance(value, str) and not isinstance(default, str):
         try: value = yaml.safe_load(value)
-        except yaml.YAMLError: raise VlmreproError(f"parameter {name!r}: cannot parse value {value!r}") from None
+        except (yaml.YAMLError, ValueError):   # ValueError: an integer past Python's 4300-digit limit
+            raise VlmreproError(f"parameter {name!r}: cannot parse value {value[:80]!r}") from None
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             for num in (int, float):   # YAML 1.1 reads '1e-3' as a string
                 try: value = num(value); break
@@ -263,6 +264,7 @@ SWEEP_KEYS = ("system", "preset", "name", "params", "grid", "runs")
 
 def sweep_runs(spec: dict) -> list[dict]:
     "The parameter sets of a sweep spec: fixed params merged into each grid point or listed run."
+    if not isinstance(spec, dict): raise VlmreproError(f"a sweep spec must be a mapping (system, params, grid or runs), got {type(spec).__name__}")
     check_names(spec, SWEEP_KEYS, what="sweep key")
     if ("grid" in spec) == ("runs" in spec): raise VlmreproError("a sweep needs exactly one of 'grid' (value lists) or 'runs' (a list of parameter dicts)")
     fixed = spec.get("params") or {}
@@ -281,6 +283,7 @@ def sweep(path: str | os.PathLike, results: str | os.PathLike | None = None, log
     if not path.exists(): raise VlmreproError(f"sweep file {path} not found")
     try: spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e: raise VlmreproError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(spec, dict): raise VlmreproError(f"{path}: a sweep file must be a YAML mapping (system, preset, params, grid or runs)")
     if "system" not in spec: raise VlmreproError(f"{path}: a sweep needs 'system' (one of {', '.join(find_systems())})")
     runs, name = sweep_runs(spec), spec.get("name") or path.stem
     system, _ = resolve_notebook(str(spec["system"]))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from .core import VlmreproError, atomic_write, check_names, pick_device, pick_precision, seed_everything
+from .core import VlmreproError, atomic_write, check_names, ensure_writable_dir, pick_device, pick_precision, seed_everything
 from .checkpoint import (load_checkpoint, rng_state, resolve_checkpoint, save_checkpoint, set_rng_state)
 from .distributed import (engine, full_params, load_sharded_checkpoint, make_accelerator, prepare_strategy,
                                   save_sharded_checkpoint, strategy_from_env)
@@ -200,6 +200,9 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     ckpt_root = out_dir/"checkpoints"
     callbacks = list(callbacks)
     acc = accelerator or _accelerator(cfg)
+    if acc.is_main_process:   # before any work: a read-only or full disk is a clear error; a killed checkpoint write left a temp dir
+        ensure_writable_dir(out_dir, "training output directory")
+        for torn in [*ckpt_root.glob(".step-*"), *ckpt_root.glob(".best-*")]: shutil.rmtree(torn, ignore_errors=True)
     kind = engine(acc); sharded = kind != "ddp"
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)

@@ -5,7 +5,7 @@
 # %% ../../nbs/11_data_shards.ipynb #1ceb108f
 from __future__ import annotations
 import io, json, math, os, random, tarfile, tempfile, warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import torch
@@ -137,6 +137,8 @@ def iter_tar_groups(path: Path):
     group, key, n = {}, None, 0
     try:
         for name, data in iter_tar_members(path):
+            if name.startswith("/") or ".." in PurePosixPath(name).parts:   # never read as a sample (and never extracted)
+                yield Dropped("unsafe member name", f"{path}:{name}", "absolute or '..' path inside the tar"); continue
             k, _, ext = name.rsplit("/", 1)[-1].partition(".")
             if k != key and group: yield key, group; n += 1; group = {}
             key = k; group[ext.lower()] = data
