@@ -71,7 +71,7 @@ def test_tiny_prismer_far_above_chance(world, tmp_path):
     torch.manual_seed(0)
     labels = _labels(world, tmp_path)
     exp = ("depth",)                                  # a dense expert: cheap per step (code experts are covered in 47_prismer)
-    cfg = PrismerConfig(experts=exp, stem_width=32, latents=16, resampler_layers=2, code_dim=16)   # the paper notebook's tiny sizes
+    cfg = PrismerConfig(experts=exp, expert_size=32, stem_width=32, latents=16, resampler_layers=2, code_dim=16)   # the paper notebook's tiny sizes
     data = lambda split, task: list(read_prismer(world, split, task=task, experts=exp, label_root=labels, verbose=False))
     tc = lambda steps, lr=1e-3: TrainConfig(epochs=100, max_steps=steps, batch_size=32, lr=lr, weight_decay=0.05, warmup_steps=5,
                                             progress=False)

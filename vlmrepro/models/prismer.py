@@ -43,6 +43,7 @@ class PrismerConfig:
     seg_classes: tuple = ()                  # class names of the segmentation labels (id = index)
     det_classes: tuple = ()                  # class names of the detection rows
     image_size: int = 64
+    expert_size: int | None = None           # side of the expert maps fed to the stems (None: image_size)
     code_dim: int = 64                       # PCA'd text-embedding channels
     stem_width: int | None = None            # W (default: the ViT width)
     resampler_layers: int = 4
@@ -293,7 +294,7 @@ class PrismerCollator:
         return out
 
     def _load_maps(self, s) -> dict:
-        out, S = {}, self.cfg.image_size
+        out, S = {}, self.cfg.expert_size or self.cfg.image_size
         for e in self.cfg.experts:
             path = s.experts.get(e)
             ok = path is not None and Path(path).exists()
