@@ -15,7 +15,7 @@ from vlmrepro.experts import CannyEdges, DepthNormals, OracleExpert, TextFeature
 from vlmrepro.metrics.caption import evaluate_captions
 from vlmrepro.metrics.vqa import evaluate_vqa
 from vlmrepro.models.prismer import (Prismer, PrismerCollator, PrismerConfig, evaluate_answering, evaluate_captioning,
-                                     read_classes, train_prismer)
+                                     train_prismer)
 from vlmrepro.train import TrainConfig
 
 
@@ -60,21 +60,21 @@ def test_experts_cli(world, tmp_path, capsys):
     assert "unknown expert 'dpth'" in capsys.readouterr().err
 
 
-def _labels(world, tmp_path, experts=("depth", "seg_coco")):
+def _labels(world, tmp_path, experts=("depth",)):
     root = tmp_path/"labels"
     label_dataset([OracleExpert(e, world) for e in experts], world/"images", root, "synth", list_images(world/"images"), progress=False)
     return root
 
 
 def test_tiny_prismer_far_above_chance(world, tmp_path):
-    "Captioning CIDEr-D and VQA accuracy of a tiny Prismer beat the best constant caption / answer by a wide margin."
+    "Captioning CIDEr-D beats the best constant caption by a wide margin; VQA beats a blind per-question baseline."
     torch.manual_seed(0)
     labels = _labels(world, tmp_path)
-    exp = ("depth", "seg_coco")
-    cfg = PrismerConfig(experts=exp, seg_classes=read_classes(labels, "seg_coco"), det_classes=(),
-                        stem_width=32, latents=16)
+    exp = ("depth",)                                  # a dense expert: cheap per step (code experts are covered in 47_prismer)
+    cfg = PrismerConfig(experts=exp, expert_size=32, stem_width=32, latents=16, resampler_layers=2, code_dim=16)   # the paper notebook's tiny sizes
     data = lambda split, task: list(read_prismer(world, split, task=task, experts=exp, label_root=labels, verbose=False))
-    tc = lambda steps: TrainConfig(epochs=100, max_steps=steps, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=5, progress=False)
+    tc = lambda steps, lr=1e-3: TrainConfig(epochs=100, max_steps=steps, batch_size=32, lr=lr, weight_decay=0.05, warmup_steps=5,
+                                            progress=False)
 
     model = Prismer(cfg)
     col = PrismerCollator(model.tokenizer, cfg)
@@ -88,11 +88,18 @@ def test_tiny_prismer_far_above_chance(world, tmp_path):
     assert sum(col.missing.values()) == 0
     assert r["cider"] > 2 * chance, (r, chance)      # the best constant caption already scores ~25-30 here
 
+    # VQA with the notebook's recipe: 300 steps at lr 3e-3
     model = Prismer(cfg)
-    train_prismer(model, data("train", "vqa"), PrismerCollator(model.tokenizer, cfg, task="vqa"), tc(120), tmp_path/"vqa")
+    train_prismer(model, data("train", "vqa"), PrismerCollator(model.tokenizer, cfg, task="vqa"), tc(300, 3e-3), tmp_path/"vqa")
     vq = data("val", "vqa")
     ann = world/"annotations/v2_mscoco_val_annotations.json"
-    r, _ = evaluate_answering(model, vq, PrismerCollator(model.tokenizer, cfg, task="vqa", train=False), ann, read_answer_list(world), 64)
-    top = Counter(a for s in read_prismer(world, "train", task="vqa", verbose=False) for a in s.answers).most_common(1)[0][0]
-    chance = evaluate_vqa([{"question_id": s.question_id, "answer": top} for s in vq], ann)["accuracy"]
-    assert r["vqa_acc"] > chance + 15, (r, chance)
+    _, preds = evaluate_answering(model, vq, PrismerCollator(model.tokenizer, cfg, task="vqa", train=False), ann, read_answer_list(world), 64)
+    ours = evaluate_vqa(preds, ann)
+    train_qa = list(read_prismer(world, "train", task="vqa", verbose=False))
+    by_q = {}
+    for s in train_qa: by_q.setdefault(s.question, Counter())[s.answers[0]] += s.meta.get("weight", 1.0)
+    top = Counter(a for s in train_qa for a in s.answers).most_common(1)[0][0]
+    blind = evaluate_vqa([{"question_id": s.question_id, "answer": by_q[s.question].most_common(1)[0][0] if s.question in by_q else top}
+                          for s in vq], ann)                 # the best a model that ignores the image can do per question text
+    assert ours["accuracy"] > blind["accuracy"] + 5, (ours["accuracy"], blind["accuracy"])
+    assert ours["per_question_type"]["how many"] > blind["per_question_type"]["how many"] + 25, (ours, blind)   # it counts

@@ -43,6 +43,7 @@ class PrismerConfig:
     seg_classes: tuple = ()                  # class names of the segmentation labels (id = index)
     det_classes: tuple = ()                  # class names of the detection rows
     image_size: int = 64
+    expert_size: int | None = None           # side of the expert maps fed to the stems (None: image_size)
     code_dim: int = 64                       # PCA'd text-embedding channels
     stem_width: int | None = None            # W (default: the ViT width)
     resampler_layers: int = 4
@@ -207,7 +208,7 @@ class Prismer(nn.Module):
         self.output_layer = nn.Linear(dl, dl)
         with torch.no_grad(): self.output_layer.weight.copy_(torch.eye(dl)); self.output_layer.bias.zero_()
         if cfg.experts:
-            seg, det, pca = class_codes(cfg)
+            seg, det, pca = class_codes(cfg) if set(cfg.experts) & set(CODE_EXPERTS) else (None, None, None)   # depth/normal/edge need no codes
             self.experts = ExpertsEncoder(cfg, dv, seg, det, pca)
             self.resampler = Resampler(dv, cfg.resampler_layers, cfg.resampler_heads, cfg.latents)
         set_mode(self, cfg.mode)
@@ -270,12 +271,13 @@ def _map_tensor(e: str, arr: np.ndarray) -> torch.Tensor:
 class PrismerCollator:
     "Prismer batches for captioning or VQA: pixels, expert maps, token ids, labels (+ VQA weights)."
     def __init__(self, tokenizer, cfg: PrismerConfig, task: str = "caption", train: bool = True, prefix: str = "A picture of",
-                 vqa_prompt: str = "Question: {question} Answer:", max_length: int = 48, seed: int = 0):
+                 vqa_prompt: str = "Question: {question} Answer:", max_length: int = 48, seed: int = 0,
+                 cache: bool = True):
         if task not in ("caption", "vqa"): raise VlmreproError(f"unknown task {task!r}; valid: 'caption', 'vqa'")
         self.tok, self.cfg, self.task, self.train, self.prefix, self.vqa_prompt = tokenizer, cfg, task, train, prefix, vqa_prompt
         self.max_length, self.rng = max_length, np.random.default_rng(seed)
         self.det_index = {c: i for i, c in enumerate(cfg.det_classes)}
-        self.missing = Counter()
+        self.missing, self.cache, self._cache, self._n_missing = Counter(), cache, {}, 0
 
     def _missing(self, e: str, what: str):
         if not self.missing[e]: warnings.warn(f"missing {e} {what}: using {'255 (no instance)' if e in ('obj_detection', 'ocr_detection') else 'zeros'}; "
@@ -283,8 +285,16 @@ class PrismerCollator:
         self.missing[e] += 1
 
     def expert_maps(self, s) -> dict:
-        "The sample's expert inputs at the model's resolution (fallbacks counted)."
-        out, S = {}, self.cfg.image_size
+        "The sample's expert inputs at the model's resolution (fallbacks counted); complete ones are kept in memory."
+        key = tuple(s.experts.get(e) for e in self.cfg.experts)
+        if key in self._cache: return self._cache[key]                     # VQA rows share images; epochs repeat them
+        out, n_missing = self._load_maps(s), sum(self.missing.values())
+        if self.cache and n_missing == self._n_missing: self._cache[key] = out
+        self._n_missing = n_missing
+        return out
+
+    def _load_maps(self, s) -> dict:
+        out, S = {}, self.cfg.expert_size or self.cfg.image_size
         for e in self.cfg.experts:
             path = s.experts.get(e)
             ok = path is not None and Path(path).exists()
