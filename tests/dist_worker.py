@@ -44,6 +44,11 @@ def config(world: int, **kw) -> TrainConfig:
     "The same global batch (8) whatever the number of processes."
     return TrainConfig(epochs=2, batch_size=8 // world, lr=0.05, log_every=2, progress=False, seed=3, **kw)
 
+def eval_fn(m):
+    "Accuracy on the first 16 examples: under FSDP a forward of the sharded model, right before a checkpoint."
+    x, y = data()[:16]
+    return {"val/acc": (m(x).argmax(-1) == y).float().mean()}
+
 class ClampBias:
     "Edits weights after every step, as FROMAGe's [RET] renorm does: under FSDP through `full_params`' whole tensors."
     def after_step(self, model, state):
@@ -74,7 +79,7 @@ def main(mode: str, out: str):
         try: fit(TinyNet(), data(), cfg, out/"run", loss_fn=loss_fn, callbacks=[KillAt(5)])
         except KeyboardInterrupt: pass
     model = TinyNet()
-    res = fit(model, data(), cfg, out/"run", loss_fn=loss_fn, callbacks=cbs)
+    res = fit(model, data(), cfg, out/"run", loss_fn=loss_fn, callbacks=cbs, eval_fn=eval_fn if cbs else None)
     if mode == "ddp": gather_checks(out)   # the process group exists once fit's Accelerator made it
     if distributed.is_main():
         (out/"history.json").write_text(json.dumps(res.history))

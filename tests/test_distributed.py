@@ -82,13 +82,15 @@ def test_fsdp_full_resumes_matches_one_process_and_consolidates(single, tmp_path
     assert [r["step"] for r in h1] == [r["step"] for r in h2] and abs(h1[-1]["train/loss"] - h2[-1]["train/loss"]) < 1e-5
 
 def test_fsdp_grad_op_matches_one_process_with_weight_edits(tmp_path):
-    "SHARD_GRAD_OP-like FSDP2 with a callback that edits weights after every step (through `full_params`) equals 1 process."
+    "SHARD_GRAD_OP-like FSDP2 with a callback that edits weights after every step (through `full_params`) and evaluations equals 1 process."
     _run("single-clamp", tmp_path/"one")
     _run("fsdp-grad-op", tmp_path/"two", nproc=2, strategy="fsdp-grad-op", port=29515)
     one = load_file(tmp_path/"one"/"final.safetensors")
     two = load_file(str(distributed.consolidate(_last_checkpoint(tmp_path/"two"), tmp_path/"merged.safetensors")))
     assert _close(one, two), "2-process fsdp-grad-op should end where 1 process ends"
     assert two["head.bias"].abs().max() <= 0.02 + 1e-7       # the edit reached the shards
+    evals = [[(r["step"], r["val/acc"]) for r in json.loads((tmp_path/d/"history.json").read_text()) if "val/acc" in r] for d in ("one", "two")]
+    assert evals[0] == evals[1] and len(evals[0]) == 2        # evaluation forwards of the sharded model, each before a checkpoint
 
 def test_consolidated_weights_load(single, tmp_path):
     "A consolidated file (trainable weights only) loads with checkpoint.load_model_weights like any other."
