@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py: one `fit` of a tiny transformer-like model, run by torchrun or in-process.
 
-python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py MODE OUT  (MODE: ddp | zero2 | fsdp (GPUs) | single)
+python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py MODE OUT  (MODE: ddp | zero2 | fsdp-full | fsdp-grad-op | single | single-clamp)
 """
 import json, os, sys
 from pathlib import Path
@@ -44,6 +44,16 @@ def config(world: int, **kw) -> TrainConfig:
     "The same global batch (8) whatever the number of processes."
     return TrainConfig(epochs=2, batch_size=8 // world, lr=0.05, log_every=2, progress=False, seed=3, **kw)
 
+def eval_fn(m):
+    "Accuracy on the first 16 examples: under FSDP a forward of the sharded model, right before a checkpoint."
+    x, y = data()[:16]
+    return {"val/acc": (m(x).argmax(-1) == y).float().mean()}
+
+class ClampBias:
+    "Edits weights after every step, as FROMAGe's [RET] renorm does: under FSDP through `full_params`' whole tensors."
+    def after_step(self, model, state):
+        with torch.no_grad(): model.head.bias.clamp_(-0.02, 0.02)
+
 class KillAt:
     def __init__(self, at): self.at = at
     def after_step(self, model, state):
@@ -62,17 +72,18 @@ def gather_checks(out: Path):
 def main(mode: str, out: str):
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     w = distributed.world_size()
-    if mode == "single": w = 1
+    if mode.startswith("single"): w = 1
     cfg = config(w, ckpt_every=4)
-    if mode in ("fsdp", "zero2"):   # killed after step 5, resumed from the sharded checkpoint of step 4
+    cbs = [ClampBias()] if mode in ("fsdp-grad-op", "single-clamp") else []
+    if mode in ("fsdp-full", "zero2"):   # killed after step 5, resumed from the sharded checkpoint of step 4
         try: fit(TinyNet(), data(), cfg, out/"run", loss_fn=loss_fn, callbacks=[KillAt(5)])
         except KeyboardInterrupt: pass
     model = TinyNet()
-    res = fit(model, data(), cfg, out/"run", loss_fn=loss_fn)
+    res = fit(model, data(), cfg, out/"run", loss_fn=loss_fn, callbacks=cbs, eval_fn=eval_fn if cbs else None)
     if mode == "ddp": gather_checks(out)   # the process group exists once fit's Accelerator made it
     if distributed.is_main():
         (out/"history.json").write_text(json.dumps(res.history))
-        if mode in ("ddp", "single"):
+        if mode in ("ddp", "single", "single-clamp"):
             from vlmrepro.checkpoint import save_model_weights
             save_model_weights(model, out/"final.safetensors", trainable_only=True)
     return res

@@ -1,5 +1,6 @@
-"""Scale-out on CPU with 2 gloo processes: DDP equals one process at the same global batch, DeepSpeed ZeRO-2 trains,
-resumes from its sharded checkpoint and consolidates to one safetensors file; launch commands and the slurm script."""
+"""Scale-out on CPU with 2 gloo processes: DDP and both FSDP strategies equal one process at the same global batch;
+FSDP (fully_shard) and DeepSpeed ZeRO-2 resume from their sharded checkpoints and consolidate to one safetensors file;
+launch commands and the slurm script."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def _run(mode: str, out: Path, nproc: int = 1, strategy: str = "ddp", port: int 
           [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", str(WORKER), mode, str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
@@ -56,6 +58,39 @@ def test_zero2_trains_resumes_and_consolidates(single, tmp_path):
     assert _close(load_file(single/"final.safetensors"), merged), "ZeRO-2, killed at step 5 and resumed, should end where 1 process ends"
     metrics = [json.loads(l) for l in (tmp_path/"run"/"metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["train/loss"] < metrics[0]["train/loss"]
+
+def _last_checkpoint(out: Path) -> Path:
+    ckpts = out/"run"/"checkpoints"
+    return ckpts/json.loads((ckpts/"latest.json").read_text())["checkpoint"]
+
+def test_fsdp_full_resumes_matches_one_process_and_consolidates(single, tmp_path):
+    "FULL_SHARD-like FSDP2, killed after step 5 and resumed from its step-4 checkpoint, ends where 1 uninterrupted process ends."
+    from vlmrepro.checkpoint import load_model_weights
+    stdout = _run("fsdp-full", tmp_path, nproc=2, strategy="fsdp-full", port=29514)
+    assert "resumed from" in stdout and "step-0000004" in stdout
+    last = _last_checkpoint(tmp_path)
+    info = json.loads((last/"sharded.json").read_text())
+    assert info["engine"] == "fsdp" and info["world_size"] == 2
+    assert len(list((last/"shards").glob("*.distcp"))) == 2   # each rank wrote its own shards
+    merged = distributed.consolidate(last, tmp_path/"merged.safetensors")
+    one = load_file(single/"final.safetensors")
+    assert _close(one, load_file(str(merged))), "FSDP full shard, resumed, should end where 1 process ends"
+    m = load_model_weights(TinyNet(), merged)                  # the one file loads into a 1-process model
+    for k, v in m.state_dict().items():
+        assert torch.allclose(v, one[k], atol=1e-5) if k in one else torch.equal(v, TinyNet().state_dict()[k])   # frozen stem: its init
+    h1, h2 = json.loads((single/"history.json").read_text()), json.loads((tmp_path/"history.json").read_text())
+    assert [r["step"] for r in h1] == [r["step"] for r in h2] and abs(h1[-1]["train/loss"] - h2[-1]["train/loss"]) < 1e-5
+
+def test_fsdp_grad_op_matches_one_process_with_weight_edits(tmp_path):
+    "SHARD_GRAD_OP-like FSDP2 with a callback that edits weights after every step (through `full_params`) and evaluations equals 1 process."
+    _run("single-clamp", tmp_path/"one")
+    _run("fsdp-grad-op", tmp_path/"two", nproc=2, strategy="fsdp-grad-op", port=29515)
+    one = load_file(tmp_path/"one"/"final.safetensors")
+    two = load_file(str(distributed.consolidate(_last_checkpoint(tmp_path/"two"), tmp_path/"merged.safetensors")))
+    assert _close(one, two), "2-process fsdp-grad-op should end where 1 process ends"
+    assert two["head.bias"].abs().max() <= 0.02 + 1e-7       # the edit reached the shards
+    evals = [[(r["step"], r["val/acc"]) for r in json.loads((tmp_path/d/"history.json").read_text()) if "val/acc" in r] for d in ("one", "two")]
+    assert evals[0] == evals[1] and len(evals[0]) == 2        # evaluation forwards of the sharded model, each before a checkpoint
 
 def test_consolidated_weights_load(single, tmp_path):
     "A consolidated file (trainable weights only) loads with checkpoint.load_model_weights like any other."

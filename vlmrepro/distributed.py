@@ -100,7 +100,7 @@ def layer_classes(model: nn.Module) -> set[str]:
     return found
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    "The largest submodules whose parameters are all frozen (FSDP leaves them out of sharding)."
+    "The largest submodules whose parameters are all frozen."
     out = []
     def walk(m):
         for child in m.children():
@@ -121,19 +121,14 @@ def deepspeed_config(stage: int, grad_accum: int = 1, max_grad_norm: float | Non
 
 def make_accelerator(strategy: str = "ddp", precision: str = "no", cpu: bool = False, grad_accum: int = 1,
                      max_grad_norm: float | None = 1.0):
-    "An `Accelerator` for `strategy`; its FSDP layer classes and ignored modules are filled in by `prepare_strategy`."
+    "An `Accelerator` for `strategy`; under FSDP `prepare_strategy` shards the model, accelerate only runs the processes."
     from accelerate import Accelerator
     if strategy not in STRATEGIES: raise VlmreproError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if strategy == "ddp": return Accelerator(mixed_precision=precision, cpu=cpu)
-    if strategy.startswith("fsdp"):
-        if cpu: raise VlmreproError(f"strategy {strategy} needs GPUs: accelerate {_version('accelerate')} runs FSDP only on accelerators "
-                                    "(on a CPU it would silently fall back to DDP); use ddp or zero2/zero3 on CPUs")
-        from accelerate import FullyShardedDataParallelPlugin
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=1, sharding_strategy="FULL_SHARD" if strategy == "fsdp-full" else "SHARD_GRAD_OP",
-            auto_wrap_policy="transformer_based_wrap", use_orig_params=True, sync_module_states=False,
-            cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
-        return Accelerator(mixed_precision=precision, cpu=cpu, fsdp_plugin=plugin)
+    if strategy.startswith("fsdp"):   # accelerate's own FSDP refuses CPUs; torch's FSDP2 runs on gloo as well as nccl
+        acc = Accelerator(mixed_precision=precision, cpu=cpu)
+        if acc.num_processes > 1: acc.fsdp_strategy = strategy   # one process has nothing to shard: it trains as one process
+        return acc
     from accelerate import DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
     kwargs = []
@@ -145,33 +140,50 @@ def make_accelerator(strategy: str = "ddp", precision: str = "no", cpu: bool = F
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(int(strategy[-1]), grad_accum, max_grad_norm, precision))
     return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin, kwargs_handlers=kwargs)
 
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-    return version(pkg)
-
 def engine(acc) -> str:
     "'fsdp', 'deepspeed' or 'ddp' (plain data parallel, or one process) for a prepared-or-not `Accelerator`."
-    t = str(acc.distributed_type)
-    return "fsdp" if t.endswith("FSDP") else "deepspeed" if t.endswith("DEEPSPEED") else "ddp"
+    if getattr(acc, "fsdp_strategy", None): return "fsdp"
+    return "deepspeed" if str(acc.distributed_type).endswith("DEEPSPEED") else "ddp"
 
-def prepare_strategy(acc, model: nn.Module) -> None:
-    "Fill in what FSDP needs from the model before `acc.prepare`: the layer classes to wrap, the frozen modules to ignore."
+def prepare_strategy(acc, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    "Under FSDP, shard each transformer layer of `model` and then `model` itself (FSDP2 `fully_shard`); `optimizer` follows."
     if engine(acc) != "fsdp": return
-    plugin = acc.state.fsdp_plugin
-    if not getattr(plugin, "transformer_cls_names_to_wrap", None):
-        classes = layer_classes(model)
-        if not classes: raise VlmreproError(f"FSDP found no transformer layer classes in {type(model).__name__} to wrap; "
-                                            "set VLMREPRO_FSDP_LAYERS=ClassA,ClassB")
-        plugin.transformer_cls_names_to_wrap = sorted(classes)
-    if os.environ.get("VLMREPRO_FSDP_LAYERS"): plugin.transformer_cls_names_to_wrap = os.environ["VLMREPRO_FSDP_LAYERS"].split(",")
-    frozen = frozen_modules(model)
-    if frozen and plugin.ignored_modules is None: plugin.ignored_modules = frozen
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    env = os.environ.get("VLMREPRO_FSDP_LAYERS")
+    classes = set(env.split(",")) if env else layer_classes(model)
+    if not classes: raise VlmreproError(f"FSDP found no transformer layer classes in {type(model).__name__} to wrap; "
+                                        "set VLMREPRO_FSDP_LAYERS=ClassA,ClassB")
+    model.to(acc.device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kw = {"mesh": init_device_mesh(acc.device.type, (world_size(),)),
+          "reshard_after_forward": acc.fsdp_strategy == "fsdp-full"}   # False: whole weights kept from forward to backward
+    for m in [m for m in model.modules() if type(m).__name__ in classes]: fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    if optimizer is not None:   # fully_shard replaced every parameter by a sharded one (a DTensor)
+        sharded = dict(model.named_parameters())
+        for g in optimizer.param_groups: g["params"] = [sharded[names[id(p)]] for p in g["params"]]
+
+@contextlib.contextmanager
+def _fsdp2_full_params(model: nn.Module):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    swapped = []
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if isinstance(p, DTensor):
+                mod._parameters[name] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+                swapped.append((mod, name, p))
+    try: yield
+    finally:
+        with torch.no_grad():
+            for mod, name, p in swapped:   # every rank holds the same whole tensor: each keeps its own shard of it
+                whole = mod._parameters[name].detach()
+                p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+                mod._parameters[name] = p
 
 def full_params(acc, model):
-    "A context in which FSDP's parameters are whole and writes to them persist (for callbacks that edit weights)."
-    if engine(acc) != "fsdp": return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP.summon_full_params(model, writeback=True)
+    "A context in which FSDP's parameters are whole tensors and writes to them persist (for callbacks that edit weights)."
+    return _fsdp2_full_params(model) if engine(acc) == "fsdp" else contextlib.nullcontext()
 
 # %% ../nbs/06_distributed.ipynb #2a0bc5f8
 def _dcp():
@@ -198,7 +210,7 @@ def load_shards(acc, model, optimizer, path: str | os.PathLike, trainable_only: 
         model.load_checkpoint(str(path), tag="shards", load_module_strict=not trainable_only)
     else:
         dcp, Options, get_state_dict, set_state_dict = _dcp()
-        opts = Options(ignore_frozen_params=trainable_only)
+        opts = Options(ignore_frozen_params=trainable_only, strict=not trainable_only)   # frozen weights come from the model
         msd, osd = get_state_dict(model, optimizer, options=opts)
         state = {"model": msd, "optimizer": osd}
         dcp.load(state, checkpoint_id=str(path/"shards"))

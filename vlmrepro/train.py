@@ -187,6 +187,10 @@ class _Step(nn.Module):
     def __init__(self, model: nn.Module): super().__init__(); self.model = model
     def forward(self, fn: Callable, *args): return fn(self.model, *args)
 
+def _prepare(acc, *objs) -> tuple:
+    out = acc.prepare(*objs)
+    return out if len(objs) > 1 else (out,)
+
 def _accelerator(cfg: TrainConfig):
     device = pick_device(cfg.device)
     return make_accelerator(strategy_from_env(), pick_precision(device, cfg.precision), cpu=device.type == "cpu",
@@ -207,13 +211,15 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)
     sampler = getattr(loader, "sampler", None)
-    opt = optimizer or default_optimizer(model, cfg)
-    prepare_strategy(acc, model)
+    opt, step = optimizer or default_optimizer(model, cfg), _Step(model)
+    prepare_strategy(acc, step, opt)                  # FSDP shards `step` here: accelerate must not wrap it in DDP
+    models = [] if kind == "fsdp" else [step]
     if splits_itself(loader):   # a stream that reads only its rank's shards
         from accelerate.utils import send_to_device
-        (step, opt), to_device = acc.prepare(_Step(model), opt), lambda b: send_to_device(b, acc.device)
+        (*models, opt), to_device = _prepare(acc, *models, opt), lambda b: send_to_device(b, acc.device)
         if getattr(loader.dataset, "auto_rank", False): loader.dataset.set_rank(acc.process_index, acc.num_processes)
-    else: (step, opt, loader), to_device = acc.prepare(_Step(model), opt, loader), lambda b: b
+    else: (*models, opt, loader), to_device = _prepare(acc, *models, opt, loader), lambda b: b
+    step = models[0] if models else step
     total = _total_steps(loader, cfg)   # after prepare: this rank's share of the batches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
     raw = acc.unwrap_model(step).model
