@@ -148,8 +148,11 @@ def map_safetensors(path, name: str = "embeddings") -> np.memmap:
     "Memory-map one tensor of a safetensors file as a read-only numpy array."
     path = Path(path)
     with open(path, "rb") as f:
-        try: n = struct.unpack("<Q", f.read(8))[0]; head = json.loads(f.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        try:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > os.path.getsize(path) - 8: raise ValueError(f"header length {n} exceeds the file")   # never read past it
+            head = json.loads(f.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise VlmreproError(f"{path}: not a safetensors file ({e}); rebuild the index") from None
     if not isinstance(head, dict) or name not in head:
         raise VlmreproError(f"{path}: no tensor named {name!r}; rebuild the index")
