@@ -15,8 +15,8 @@ from .core import VlmreproError, atomic_write, read_json, sha256_file, write_jso
 
 # %% auto #0
 __all__ = ['model_state', 'save_model_weights', 'load_model_weights', 'flatten_state', 'unflatten_state', 'rng_state',
-           'set_rng_state', 'verify_checkpoint', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
-           'prune_checkpoints']
+           'set_rng_state', 'seal_checkpoint', 'remove_partial_checkpoints', 'verify_checkpoint', 'save_checkpoint',
+           'resolve_checkpoint', 'load_checkpoint', 'prune_checkpoints']
 
 # %% ../nbs/01_checkpoint.ipynb #fc1bb2ac
 def _trainable_prefixes(model: torch.nn.Module) -> set[str]:
@@ -111,18 +111,22 @@ def set_rng_state(st: dict) -> None:
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
 # %% ../nbs/01_checkpoint.ipynb #156b60e1
-def _write_dir_atomically(root: Path, name: str, write) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        write(tmp)
-        files = sorted(p.name for p in tmp.iterdir())
-        write_json(tmp/"manifest.json", {"files": {f: sha256_file(tmp/f) for f in files}})
-        dst = root/name
-        if dst.exists(): shutil.rmtree(dst)
-        os.replace(tmp, dst)
-        return dst
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+def seal_checkpoint(tmp: Path, root: Path, name: str, pointer: str | None = "latest", keep: int | None = None) -> Path:
+    "Finish a checkpoint written into the temporary directory `tmp`: manifest of checksums, rename to `root/name`, pointer, pruning."
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    write_json(tmp/"manifest.json", {"files": {f: sha256_file(tmp/f) for f in files}})
+    dst = root/name
+    if dst.exists(): shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    if pointer:
+        write_json(root/f"{pointer}.json", {"checkpoint": name})
+        if keep: prune_checkpoints(root, keep)
+    return dst
+
+def remove_partial_checkpoints(root: str | os.PathLike) -> None:
+    "Delete the temporary '.<name>...' directories a killed checkpoint write leaves behind (never read; one writer per root)."
+    for tmp in Path(root).glob(".*"):
+        if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
 
 def verify_checkpoint(ckpt: str | os.PathLike) -> Path:
     "Check a checkpoint directory against its manifest; raise if anything is missing or altered."
@@ -136,16 +140,14 @@ def save_checkpoint(root: str | os.PathLike, name: str, model: torch.nn.Module, 
                     trainable_only: bool = False, pointer: str | None = "latest", keep: int | None = None) -> Path:
     "Write checkpoint `root/name` (weights + JSON/tensor `state`), then point `root/{pointer}.json` at it."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    def write(tmp):
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
         save_model_weights(model, tmp/"model.safetensors", trainable_only)
         skel, tensors = flatten_state(state or {})
         if tensors: save_file(tensors, str(tmp/"state.safetensors"))
         write_json(tmp/"state.json", skel)
-    dst = _write_dir_atomically(root, name, write)
-    if pointer:
-        write_json(root/f"{pointer}.json", {"checkpoint": name})
-        if keep: prune_checkpoints(root, keep)
-    return dst
+        return seal_checkpoint(tmp, root, name, pointer, keep)
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
 def resolve_checkpoint(root: str | os.PathLike, pointer: str = "latest") -> Path | None:
     "The checkpoint directory `root/{pointer}.json` points at, or None if there is none yet."

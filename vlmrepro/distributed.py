@@ -11,15 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .core import VlmreproError, read_json, sha256_file, write_json
-from .checkpoint import flatten_state, prune_checkpoints, unflatten_state, verify_checkpoint
+from .core import VlmreproError, read_json, write_json
+from .checkpoint import flatten_state, seal_checkpoint, unflatten_state, verify_checkpoint
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'LAUNCHERS', 'GB', 'world_size', 'rank', 'is_main', 'barrier', 'shard', 'gather_cat',
-           'gather_with_local_grad', 'reduce_mean', 'strategy_from_env', 'layer_classes', 'frozen_modules',
-           'deepspeed_config', 'make_accelerator', 'engine', 'prepare_strategy', 'full_params', 'save_shards',
-           'load_shards', 'save_sharded_checkpoint', 'load_sharded_checkpoint', 'consolidate', 'resolve_strategy',
-           'launch_command', 'slurm_script', 'write_slurm_script', 'layer_activations', 'training_memory']
+           'gather_with_local_grad', 'reduce_mean', 'strategy_from_env', 'layer_classes', 'deepspeed_config',
+           'make_accelerator', 'engine', 'prepare_strategy', 'full_params', 'save_shards', 'load_shards',
+           'save_sharded_checkpoint', 'load_sharded_checkpoint', 'consolidate', 'resolve_strategy', 'launch_command',
+           'slurm_script', 'write_slurm_script', 'layer_activations', 'training_memory']
 
 # %% ../nbs/06_distributed.ipynb #4ae874cc
 def _initialized() -> bool: return dist.is_available() and dist.is_initialized()
@@ -98,17 +98,6 @@ def layer_classes(model: nn.Module) -> set[str]:
             if c.endswith(("Layer", "Block")): counts[c] = counts.get(c, 0) + 1
         found = {c for c, k in counts.items() if k > 1}
     return found
-
-def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    "The largest submodules whose parameters are all frozen."
-    out = []
-    def walk(m):
-        for child in m.children():
-            ps = list(child.parameters())
-            if ps and not any(p.requires_grad for p in ps): out.append(child)
-            elif ps: walk(child)
-    walk(model)
-    return out
 
 def deepspeed_config(stage: int, grad_accum: int = 1, max_grad_norm: float | None = 1.0, precision: str = "no") -> dict:
     "A DeepSpeed config for ZeRO `stage`; batch sizes come from the data loader ('auto'), the optimizer is fit's."
@@ -230,13 +219,7 @@ def save_sharded_checkpoint(acc, model, optimizer, root: str | os.PathLike, name
         if tensors: save_file(tensors, str(tmp/"state.safetensors"))
         write_json(tmp/"state.json", skel)
         write_json(tmp/"sharded.json", {"engine": engine(acc), "world_size": world_size(), "prefix": prefix, "trainable_only": trainable_only})
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp/"manifest.json", {"files": {f: sha256_file(tmp/f) for f in files}})
-        if dst.exists(): shutil.rmtree(dst)
-        os.replace(tmp, dst)
-        if pointer:
-            write_json(root/f"{pointer}.json", {"checkpoint": name})
-            if keep: prune_checkpoints(root, keep)
+        seal_checkpoint(tmp, root, name, pointer, keep)
     barrier()
     return dst
 

@@ -243,21 +243,23 @@ class RapidOCR(Expert):
         return words_to_label(words, (image.height, image.width), self.text_features)
 
 # %% ../nbs/46_experts.ipynb #a4417120
-def _checkpoint(name: str, checkpoint, family: str) -> str:
+def _paper_model(auto_cls, name: str, checkpoint, family: str, device: str):
+    "(model in eval mode on `device`, its image processor) from the user's checkpoint of the paper's expert family."
     if checkpoint is None:
         raise VlmreproError(f"the paper's {name} expert ({family}) needs a checkpoint: pass --checkpoint {name}=DIR "
                             f"(a save_pretrained directory); no weights for it ship in any package")
+    from transformers import AutoImageProcessor
     from vlmrepro.models.backbones import resolve_source
-    return resolve_source(checkpoint)
+    src = resolve_source(checkpoint)
+    return auto_cls.from_pretrained(src).to(device).eval(), AutoImageProcessor.from_pretrained(src)
 
 class DPTDepth(Expert):
     "Depth by DPT (upstream: DPT-Hybrid, Intel/dpt-hybrid-midas): relative inverse depth, min-max scaled to 0..255."
     name, kind = "depth", "paper"
     def __init__(self, checkpoint=None, device: str = "cpu"):
-        from transformers import AutoImageProcessor, DPTForDepthEstimation
-        src = _checkpoint("depth", checkpoint, "DPT-Hybrid")
-        self.model = DPTForDepthEstimation.from_pretrained(src).to(device).eval()
-        self.processor, self.device = AutoImageProcessor.from_pretrained(src), device
+        from transformers import DPTForDepthEstimation
+        self.model, self.processor = _paper_model(DPTForDepthEstimation, "depth", checkpoint, "DPT-Hybrid", device)
+        self.device = device
 
     def __call__(self, image, ctx):
         import torch
@@ -271,10 +273,9 @@ class Mask2FormerSeg(Expert):
     "Semantic segmentation by Mask2Former; the label is the class id of each pixel (classes from the checkpoint)."
     name, kind = "seg_coco", "paper"
     def __init__(self, checkpoint=None, device: str = "cpu"):
-        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
-        src = _checkpoint("seg", checkpoint, "Mask2Former")
-        self.model = Mask2FormerForUniversalSegmentation.from_pretrained(src).to(device).eval()
-        self.processor, self.device = AutoImageProcessor.from_pretrained(src), device
+        from transformers import Mask2FormerForUniversalSegmentation
+        self.model, self.processor = _paper_model(Mask2FormerForUniversalSegmentation, "seg", checkpoint, "Mask2Former", device)
+        self.device = device
         self.classes = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
 
     def __call__(self, image, ctx):
@@ -305,10 +306,10 @@ class DetrDetection(Expert):
     "Object detection by a transformers detector (stand-in for UniDet), instances ordered by mean depth."
     name, kind, needs = "obj_detection", "paper", ("depth",)
     def __init__(self, checkpoint=None, threshold: float = 0.5, device: str = "cpu"):
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
-        src = _checkpoint("det", checkpoint, "UniDet; a transformers detector stands in")
-        self.model = AutoModelForObjectDetection.from_pretrained(src).to(device).eval()
-        self.processor, self.threshold, self.device = AutoImageProcessor.from_pretrained(src), threshold, device
+        from transformers import AutoModelForObjectDetection
+        self.model, self.processor = _paper_model(AutoModelForObjectDetection, "det", checkpoint,
+                                                  "UniDet; a transformers detector stands in", device)
+        self.threshold, self.device = threshold, device
         self.classes = [self.model.config.id2label[i] for i in sorted(self.model.config.id2label)]
 
     def __call__(self, image, ctx):

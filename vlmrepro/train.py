@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .core import VlmreproError, atomic_write, check_names, ensure_writable_dir, pick_device, pick_precision, seed_everything
-from .checkpoint import (load_checkpoint, rng_state, resolve_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (load_checkpoint, remove_partial_checkpoints, rng_state, resolve_checkpoint, save_checkpoint,
+                                  set_rng_state)
 from .distributed import (engine, full_params, load_sharded_checkpoint, make_accelerator, prepare_strategy,
                                   save_sharded_checkpoint, strategy_from_env)
 
@@ -206,7 +207,7 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     acc = accelerator or _accelerator(cfg)
     if acc.is_main_process:   # before any work: a read-only or full disk is a clear error; a killed checkpoint write left a temp dir
         ensure_writable_dir(out_dir, "training output directory")
-        for torn in [*ckpt_root.glob(".step-*"), *ckpt_root.glob(".best-*")]: shutil.rmtree(torn, ignore_errors=True)
+        remove_partial_checkpoints(ckpt_root)
     kind = engine(acc); sharded = kind != "ddp"
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)
@@ -237,7 +238,6 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
         sched.load_state_dict(saved["scheduler"]); set_rng_state(saved["rng"]); st.update(saved["trainer"])
         acc.print(f"resumed from {last} (step {st['step']}, epoch {st['epoch']})")
     elif ckpt_root.exists() and not cfg.resume and acc.is_main_process: shutil.rmtree(ckpt_root)
-    if acc.is_main_process: out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir, keep_records=st["n_records"] if last else None, start_step=st["step"]) if acc.is_main_process else None
 
     def checkpoint():
@@ -250,7 +250,7 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
     def evaluate():
         if eval_fn is None: return
         step.eval()
-        with torch.no_grad(): metrics = {k: float(v) for k, v in (step(lambda m: eval_fn(m)) if sharded else eval_fn(raw)).items()}
+        with torch.no_grad(): metrics = {k: float(v) for k, v in (step(eval_fn) if sharded else eval_fn(raw)).items()}
         step.train()
         st["last_eval"] = metrics
         if log: log.log(st["step"], epoch=st["epoch"], **metrics)
