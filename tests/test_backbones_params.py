@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlmrepro.core import VlmreproError
-from vlmrepro.models.backbones import PAPER_BACKBONES, count_parameters, human_count, paper_model
+from vlmrepro.backbones import PAPER_BACKBONES, count_parameters, human_count, paper_model
 
 # HF's parameter counts of the released checkpoints (model cards / num_parameters()).
 UPSTREAM = {

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from vlmrepro.core import VlmreproError
-from vlmrepro.models import backbones as bb
-from vlmrepro.models import zoo
+from vlmrepro import backbones as bb
+from vlmrepro import zoo, zoo_recipes
 
 
 @pytest.fixture(scope="module")
 def built():
-    return {name: zoo.ensure(name) for name, r in zoo.ZOO.items() if r.default}
+    return {name: zoo.ensure(name) for name, r in zoo.recipes().items() if r.default}
 
 
 def metrics(name):
@@ -51,13 +51,13 @@ def test_manifest_matches_files(built):
     for name in built:
         assert zoo.verify(name) == built[name]
         info = zoo.entry_info(name)
-        assert info["seed"] == zoo.ZOO[name].params["seed"] and "model.safetensors" in info["files"]
+        assert info["seed"] == zoo.recipes()[name].params["seed"] and "model.safetensors" in info["files"]
 
 
 def test_zoo_names_load_through_factories(built):
     vt, ip = bb.vision_tower("tiny-clip")
     tt, tok = bb.text_tower("tiny-clip")
-    px = ip(images=[zoo.world(0, 2, 1, 64)["train"][0].image], return_tensors="pt")["pixel_values"]
+    px = ip(images=[zoo_recipes.world(0, 2, 1, 64)["train"][0].image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         assert vt(pixel_values=px).last_hidden_state.shape[-1] == tt(**tok(["a red circle"], return_tensors="pt")).last_hidden_state.shape[-1]
     lm, ltok = bb.causal_lm("tiny-llama", n_blocks=1)
@@ -66,7 +66,7 @@ def test_zoo_names_load_through_factories(built):
     assert dec.config.is_decoder and dec.config.add_cross_attention
     grid, gp = bb.grid_encoder("tiny-grid")
     with torch.no_grad():
-        assert grid(pixel_values=gp(images=[zoo.world(0, 2, 1, 64)["train"][0].image], return_tensors="pt")["pixel_values"]
+        assert grid(pixel_values=gp(images=[zoo_recipes.world(0, 2, 1, 64)["train"][0].image], return_tensors="pt")["pixel_values"]
                     ).last_hidden_state.shape == (1, 256, 4, 4)
     blip, bproc = bb.blip_captioner("tiny-blip")
     assert blip.config.text_config.bos_token_id == bproc.tokenizer.bos_token_id

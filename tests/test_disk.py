@@ -36,7 +36,7 @@ def _runner(out):
 
 
 def _zoo(out):
-    from vlmrepro.models.zoo import build
+    from vlmrepro.zoo import build
     build("tiny-clip", root=out)
 
 
@@ -60,7 +60,7 @@ def world(tmp_path_factory):
 
 
 def _experts(out):
-    from vlmrepro.experts import experts_main
+    from vlmrepro.systems.prismer.experts import experts_main
     experts_main(["--data", str(WORLD["root"]), "--label-root", str(out), "--experts", "edge", "--backend", "edge=classic"])
 
 

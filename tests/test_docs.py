@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmrepro.docs import broken_links, build_docs, page_name, paper_page, screenshot
-from vlmrepro.runner import find_systems
+from vlmrepro.tools.docs import broken_links, build_docs, page_name, paper_page, screenshot
+from vlmrepro.registry import find_systems
 
 
 def _need_browser():

@@ -154,7 +154,7 @@ def test_damaged_checkpoint_is_refused_not_loaded(tmp_path, fit_reference):
 EXPERTS = """
 import sys, time, contextlib
 from pathlib import Path
-import vlmrepro.experts as ex
+import vlmrepro.systems.prismer.experts as ex
 data, labels, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 orig, n = ex.atomic_write, [0]
 @contextlib.contextmanager
@@ -228,11 +228,11 @@ ILLUME = """
 import sys, time
 from pathlib import Path
 import torch
-from vlmrepro.illume import IllumeConfig, IllumeLoop, MetricCritic, split_features
+from vlmrepro.systems.illume.loop import IllumeConfig, IllumeLoop, MetricCritic, split_features
 from vlmrepro.data.readers import read_vqax
 from vlmrepro.data.synth import synthetic_world
-from vlmrepro.models.backbones import grid_encoder
-from vlmrepro.models.magma import build_magma, trainable
+from vlmrepro.backbones import grid_encoder
+from vlmrepro.systems.illume.magma import build_magma, trainable
 work, kill = Path(sys.argv[1]), sys.argv[2] == "kill"
 root = synthetic_world(work/"world", n_train=12, n_val=6, n_test=0, image_size=64, seed=1)
 enc, proc = grid_encoder("tiny-grid")

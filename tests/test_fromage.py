@@ -10,10 +10,10 @@ import torch
 from vlmrepro.core import VlmreproError
 from vlmrepro.data.records import Dropped
 from vlmrepro.data.synth import synthetic_world
-from vlmrepro.index import RetrievalIndex, build_index, import_upstream_embeddings
+from vlmrepro.systems.fromage.index import RetrievalIndex, build_index, import_upstream_embeddings
 from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
-from vlmrepro.models import backbones as bb
-from vlmrepro.models import fromage as fr
+from vlmrepro import backbones as bb
+from vlmrepro.systems.fromage import model as fr
 from vlmrepro.train import TrainConfig, fit
 
 

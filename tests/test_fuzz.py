@@ -243,7 +243,7 @@ def test_eval_cli_usage_errors_are_vlmrepro_errors(argv):
 
 @pytest.fixture
 def index_dir(tmp_path):
-    from vlmrepro.index import IndexWriter
+    from vlmrepro.systems.fromage.index import IndexWriter
     w = IndexWriter(tmp_path/"idx"); w.add(np.eye(3, 4, dtype=np.float32), ["a.jpg", "b.jpg", "c.jpg"]); return w.finish()
 
 
@@ -251,7 +251,7 @@ def index_dir(tmp_path):
 @given(field=st.sampled_from(["format", "file", "count", "dim", "dtype", None]), value=JSON,
        paths=st.none() | JSON, cut=st.none() | st.integers(0, 200), header=st.none() | st.binary(max_size=16))
 def test_index_loader(index_dir, field, value, paths, cut, header):
-    from vlmrepro.index import RetrievalIndex
+    from vlmrepro.systems.fromage.index import RetrievalIndex
     import shutil
     d = index_dir.parent/"fz"; shutil.rmtree(d, ignore_errors=True); shutil.copytree(index_dir, d)
     meta = json.loads((d/"index.json").read_text())
@@ -270,7 +270,7 @@ def test_index_loader(index_dir, field, value, paths, cut, header):
 
 
 def test_index_loader_refuses_pickles_and_npy_object_arrays(tmp_path, index_dir):
-    from vlmrepro.index import RetrievalIndex
+    from vlmrepro.systems.fromage.index import RetrievalIndex
     (tmp_path/"cc3m_embeddings.pkl").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(VlmreproError, match="pickle"): RetrievalIndex.load(tmp_path)
     np.save(index_dir/"embeddings.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -290,7 +290,7 @@ DEFAULTS = [0, 1.5, True, "lora", None, [1, 2], {"a": 1}]
      "*ref", "&a [*a]", "1" * 4000]))
 def test_run_param_coercion(default, text):
     "`vlmrepro run -p KEY VALUE`: a value of the default's type, or a VlmreproError naming the parameter."
-    from vlmrepro.runner import coerce_value
+    from vlmrepro.registry import coerce_value
     try: v = coerce_value("k", text, default)
     except VlmreproError as e: assert "'k'" in str(e); return
     if v is None:                                    # YAML's null is how a command line sets an optional parameter to None
@@ -302,7 +302,7 @@ def test_run_param_coercion(default, text):
 
 
 def test_run_param_with_a_huge_integer():
-    from vlmrepro.runner import coerce_value
+    from vlmrepro.registry import coerce_value
     with pytest.raises(VlmreproError, match="'k'"): coerce_value("k", "1" * 5000, 0)
 
 
@@ -342,14 +342,14 @@ def test_pack_cli_usage_and_bad_input(tmp_path, root):
 
 @pytest.mark.parametrize("data", [b"", b"garbage!", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])
 def test_ocr_feature_reader_names_a_damaged_file(tmp_path, data):
-    from vlmrepro.experts import read_word_features
+    from vlmrepro.systems.prismer.experts import read_word_features
     p = tmp_path/"words.safetensors"; p.write_bytes(data)
     with pytest.raises(VlmreproError, match="words.safetensors"): read_word_features(p)
 
 
 @pytest.mark.parametrize("bad", ["../../outside.jpg", "/etc/passwd"])
 def test_experts_data_list_traversal_is_rejected(tmp_path, bad):
-    from vlmrepro.experts import list_images
+    from vlmrepro.systems.prismer.experts import list_images
     (tmp_path/"images").mkdir(); (tmp_path/"prismer").mkdir()
     (tmp_path/"prismer"/"caption_train.json").write_text(json.dumps([{"image": "images/a.jpg"}, {"image": bad}]))
     try: rels = list_images(tmp_path/"images", [tmp_path/"prismer"/"caption_train.json"])

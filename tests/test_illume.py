@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmrepro.core import VlmreproError
-from vlmrepro.illume import IllumeConfig, IllumeLoop, MetricCritic, StopLoop, make_critic, rouge_l, split_features
-from vlmrepro.models.magma import build_magma, trainable
+from vlmrepro.systems.illume.loop import IllumeConfig, IllumeLoop, MetricCritic, StopLoop, make_critic, rouge_l, split_features
+from vlmrepro.systems.illume.magma import build_magma, trainable
 
 
 def test_critic_rule():
@@ -30,7 +30,7 @@ def test_critic_rule():
 def world(tmp_path_factory):
     from vlmrepro.data.readers import read_vqax
     from vlmrepro.data.synth import synthetic_world
-    from vlmrepro.models.backbones import grid_encoder
+    from vlmrepro.backbones import grid_encoder
     root = synthetic_world(tmp_path_factory.mktemp("world"), n_train=12, n_val=6, n_test=0, image_size=64, seed=1)
     enc, proc = grid_encoder("tiny-grid")
     d = tmp_path_factory.mktemp("features")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmrepro.models import nxtp
+from vlmrepro.systems.nxtp import model as nxtp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,14 +59,15 @@ def test_mask_matches_its_rules(upstream_last):
 
 
 def test_benchmark_writes_its_report(tmp_path, one_thread):
-    res = nxtp.decoding_benchmark(tmp_path, n_images=1, k=3, max_steps=4, repeats=1, width=64, layers=1)
+    from vlmrepro.tools.bench_decoding import decoding_benchmark
+    res = decoding_benchmark(tmp_path, n_images=1, k=3, max_steps=4, repeats=1, width=64, layers=1)
     assert res["same_labels"] and res["speedup"] > 0
     assert json.loads((tmp_path/"nxtp_decoding.json").read_text())["k"] == 3
     assert "speed-up" in (tmp_path/"nxtp_decoding.md").read_text()
 
 
 def test_presets_resolve():
-    from vlmrepro.runner import resolve_params
+    from vlmrepro.registry import resolve_params
     nb = REPO/"nbs"/"papers"/"nxtp.ipynb"
     paper = resolve_params(nb, "paper")
     assert (paper["lm"], paper["n_lm_blocks"], paper["lr"], paper["batch_size"] * paper["grad_accum"]) == \
@@ -76,20 +77,21 @@ def test_presets_resolve():
 
 def test_tiny_run_beats_random_labels(tmp_path, one_thread):
     from vlmrepro.data.shards import ShardDataset
-    from vlmrepro.data.synth import synthetic_world
     from vlmrepro.metrics.recognition import LabelEmbedder
-    from vlmrepro.train import TrainConfig
-    root = synthetic_world(tmp_path/"world", n_train=400, n_val=40, n_test=0, image_size=64, shard_size=100)
-    model, tok, proc = nxtp.build_nxtp("tiny-clip", "tiny-llama", n_lm_blocks=1, n_vision_blocks=1)
-    cfg = TrainConfig(epochs=5, batch_size=32, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup_steps=10,
-                      max_grad_norm=None, progress=False, log_every=10)
-    result = nxtp.train_nxtp(model, proc, root/"shards"/"train", cfg, tmp_path/"run")
+    from vlmrepro.registry import create_system
+    from vlmrepro.systems.nxtp import system as nxtp_system
+    from vlmrepro.train import fit
+    system = create_system("nxtp", {"n_train": 400, "n_val": 40, "epochs": 5, "warmup_min_steps": 10, "data_root": None})
+    d = nxtp_system.data(system.cfg)
+    loader, n = nxtp_system.train_loader(system.model, system.processors, system.cfg, d.train_shards)
+    cfg = nxtp_system.train_config(system.cfg, n)
+    result = fit(system.model, loader, cfg, tmp_path/"run", loss_fn=system.loss, optimizer=system.optimizer())
     assert result.step == 5 * 13
-    val = list(ShardDataset(root/"shards"/"val"))
+    val = d.val["synth"]
     refs = nxtp.reference_labels(val)
     embed = LabelEmbedder()
-    ours = nxtp.evaluate_labels(nxtp.predict(model, proc, val, "one_shot"), refs, embed=embed)
-    vocab = nxtp.label_vocabulary(ShardDataset(root/"shards"/"train", decode=False))
+    ours = system.evaluate(val, split="synth", embed=embed)
+    vocab = nxtp.label_vocabulary(ShardDataset(d.train_shards, decode=False))
     chance = nxtp.evaluate_labels(nxtp.random_labels(refs, vocab), refs, embed=embed)
-    print(f"tiny one-shot F1 {ours['f1']:.3f}, random labels {chance['f1']:.3f}")
-    assert ours["f1"] > chance["f1"] + 0.1
+    print(f"tiny one-shot F1 {ours['synth/f1']:.3f}, random labels {chance['f1']:.3f}")
+    assert ours["synth/f1"] > chance["f1"] + 0.1

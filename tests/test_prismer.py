@@ -11,10 +11,10 @@ from vlmrepro.cli import main as cli_main
 from vlmrepro.core import VlmreproError
 from vlmrepro.data.readers import PRISMER_EXPERTS, read_answer_list, read_prismer
 from vlmrepro.data.synth import synthetic_world
-from vlmrepro.experts import CannyEdges, DepthNormals, OracleExpert, TextFeatures, label_dataset, list_images
+from vlmrepro.systems.prismer.experts import CannyEdges, DepthNormals, OracleExpert, TextFeatures, label_dataset, list_images
 from vlmrepro.metrics.caption import evaluate_captions
 from vlmrepro.metrics.vqa import evaluate_vqa
-from vlmrepro.models.prismer import (Prismer, PrismerCollator, PrismerConfig, evaluate_answering, evaluate_captioning,
+from vlmrepro.systems.prismer.model import (Prismer, PrismerCollator, PrismerConfig, evaluate_answering, evaluate_captioning,
                                      train_prismer)
 from vlmrepro.train import TrainConfig
 
@@ -70,7 +70,7 @@ def test_tiny_prismer_far_above_chance(world, tmp_path):
     "Captioning CIDEr-D beats the best constant caption by a wide margin; VQA beats a blind per-question baseline."
     torch.manual_seed(0)
     labels = _labels(world, tmp_path)
-    exp = ("depth",)                                  # a dense expert: cheap per step (code experts are covered in 47_prismer)
+    exp = ("depth",)                                  # a dense expert: cheap per step (code experts are covered in 81_prismer_model)
     cfg = PrismerConfig(experts=exp, expert_size=32, stem_width=32, latents=16, resampler_layers=2, code_dim=16)   # the paper notebook's tiny sizes
     data = lambda split, task: list(read_prismer(world, split, task=task, experts=exp, label_root=labels, verbose=False))
     tc = lambda steps, lr=1e-3: TrainConfig(epochs=100, max_steps=steps, batch_size=32, lr=lr, weight_decay=0.05, warmup_steps=5,

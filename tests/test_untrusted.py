@@ -17,12 +17,12 @@ ALLOWED = {
     ("vlmrepro/metrics/recognition.py", "_SetOnlyUnpickler", "pickle.Unpickler"):
         "reads the textblob-aptagger POS model (dicts of floats and sets); find_class resolves `set` and nothing else, so "
         "no callable can be reached; tested below",
-    ("vlmrepro/index.py", "_ArrayUnpickler", "pickle.Unpickler"):
+    ("vlmrepro/systems/fromage/index.py", "_ArrayUnpickler", "pickle.Unpickler"):
         "converts upstream FROMAGe's cc3m_embeddings.pkl once; find_class resolves only numpy's array-rebuilding globals, "
         "and import_upstream_embeddings refuses to call it unless trust_pickle=True; tested below",
 }
 ALLOWED.update({(f"nbs/{nb}.ipynb", scope, what): why for (file, scope, what), why in list(ALLOWED.items())   # their notebooks
-                for nb in {"vlmrepro/metrics/recognition.py": ["22_metrics_recognition"], "vlmrepro/index.py": ["43_retrieval_index"]}[file]})
+                for nb in {"vlmrepro/metrics/recognition.py": ["22_metrics_recognition"], "vlmrepro/systems/fromage/index.py": ["61_fromage_index"]}[file]})
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
@@ -146,7 +146,7 @@ class _Boom:
 
 
 def test_restricted_unpicklers_refuse_code(tmp_path):
-    from vlmrepro.index import import_upstream_embeddings
+    from vlmrepro.systems.fromage.index import import_upstream_embeddings
     from vlmrepro.metrics.recognition import _SetOnlyUnpickler
     from vlmrepro.core import VlmreproError
     evil = pickle.dumps({"paths": ["a"], "embeddings": _Boom()})
