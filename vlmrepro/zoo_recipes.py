@@ -21,10 +21,11 @@ from . import backbones as bb
 from .core import VlmreproError
 from .data.synth import synth_scenes
 from .metrics.caption import evaluate_captions
+from .train import TrainConfig, fit
 from .zoo import build, entry_info, register, verify, zoo_list, zoo_main
 
 # %% auto #0
-__all__ = ['WORLD', 'LM', 'SMOLLM2_GGUF', 'world', 'scene_texts', 'world_tokenizer', 'pixels', 'lm_batch', 'train_loop',
+__all__ = ['WORLD', 'LM', 'SMOLLM2_GGUF', 'world', 'scene_texts', 'world_tokenizer', 'pixels', 'lm_batch', 'pretrain',
            'recall_at_1', 'lm_perplexity', 'caption_table', 'pick_captions', 'train_tiny_clip', 'train_causal_lm',
            'mask_tokens', 'train_tiny_roberta', 'train_tiny_grid', 'train_tiny_blip', 'smollm2_gguf', 'convert_smollm2']
 
@@ -59,22 +60,17 @@ def lm_batch(tokenizer, texts: list[str], max_len: int) -> dict:
     enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return dict(enc)
 
-def train_loop(model: nn.Module, loss_fn: Callable, steps: int, lr: float, desc: str, weight_decay: float = 0.01,
-               warmup: float = 0.05) -> list[float]:
-    "AdamW with linear warmup and cosine decay for `steps` steps of `loss_fn(step)`; returns the losses."
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / n_warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train(); losses = []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False, mininterval=2, file=sys.stderr)):
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
-        losses.append(loss.item())
-        if step % 20 == 0: bar.set_postfix(loss=f"{loss.item():.3f}")
+def pretrain(model: nn.Module, loss_fn: Callable, p: dict, weight_decay: float = 0.01, warmup: float = 0.05) -> float:
+    "Train `model` with `fit` for `p['steps']` steps of `loss_fn(step)` (AdamW, warmup then cosine, clipping at 1); return the final loss."
+    cfg = TrainConfig(max_steps=p["steps"], batch_size=1, lr=p["lr"], weight_decay=weight_decay, schedule="cosine",
+                      warmup_steps=max(1, int(warmup * p["steps"])), max_grad_norm=1.0, seed=p["seed"], log_every=10,
+                      resume=False, keep_checkpoints=1, precision="no", device="cpu")
+    with tempfile.TemporaryDirectory(prefix="vlmrepro-zoo-") as out:
+        result = fit(model, range(p["steps"]), cfg, out, loss_fn=lambda m, step: loss_fn(int(step)))
     model.eval()
-    return losses
+    losses = [r["train/loss"] for r in result.history if "train/loss" in r]
+    return float(np.mean(losses[-2:]))                           # the last 20 steps (two log windows)
+
 
 # %% ../nbs/32_zoo_recipes.ipynb #890bf58a
 def recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
@@ -96,7 +92,7 @@ def lm_perplexity(model, tokenizer, texts: list[str], max_len: int = 64, batch_s
     return math.exp(nll / count)
 
 # %% ../nbs/32_zoo_recipes.ipynb #e904e9c3
-WORLD = dict(recipe_version=2, seed=0, n_train=2000, n_val=200, image_size=64, vocab_size=512)
+WORLD = dict(recipe_version=3, seed=0, n_train=2000, n_val=200, image_size=64, vocab_size=512)
 
 def _world(p): return world(p["seed"], p["n_train"], p["n_val"], p["image_size"])
 def _tok(p): return world_tokenizer(p["seed"], p["n_train"], p["n_val"], p["image_size"], p["vocab_size"])
@@ -125,13 +121,13 @@ def train_tiny_clip(out: Path, p: dict) -> dict:
         idx = rng.choice(len(px), p["batch_size"], replace=False)
         i, m = pick_captions(ids, mask, idx, rng)
         return model(input_ids=i, attention_mask=m, pixel_values=px[idx], return_loss=True).loss
-    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-clip", weight_decay=0.1)
+    final = pretrain(model, loss_fn, p, weight_decay=0.1)
     with torch.no_grad():
         enc = tok([s.captions[0] for s in data["val"]], return_tensors="pt", padding=True)
         metrics = recall_at_1(_as_tensor(model.get_image_features(pixel_values=pixels(proc, [s.image for s in data["val"]]))),
                               _as_tensor(model.get_text_features(**enc)))
     model.save_pretrained(out); CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(out)
-    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": float(np.mean(losses[-20:]))}
+    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": final}
 
 def _as_tensor(x):
     "The embedding tensor of a `get_*_features` result (a tensor, or an output whose `pooler_output` is it)."
@@ -149,10 +145,10 @@ def train_causal_lm(out: Path, p: dict, family: str) -> dict:
         idx = torch.as_tensor(rng.choice(len(train), p["batch_size"], replace=False))
         m = enc["attention_mask"][idx]; n = int(m.sum(1).max()); ids = enc["input_ids"][idx, :n]; m = m[:, :n]
         return model(input_ids=ids, attention_mask=m, labels=ids.masked_fill(m == 0, -100)).loss
-    losses = train_loop(model, loss_fn, p["steps"], p["lr"], f"zoo tiny-{family}")
+    final = pretrain(model, loss_fn, p)
     model.save_pretrained(out); tok.save_pretrained(out)
     return {"val_ppl": lm_perplexity(model, tok, val, p["max_len"]), "uniform_ppl": float(len(tok)),
-            "final_loss": float(np.mean(losses[-20:]))}
+            "final_loss": final}
 
 LM = dict(**WORLD, width=64, layers=2, max_len=48, steps=250, batch_size=48, lr=3e-3)
 for _family in ("llama", "opt", "gptj"):
@@ -183,7 +179,7 @@ def train_tiny_roberta(out: Path, p: dict) -> dict:
         m = enc["attention_mask"][idx]; n = int(m.sum(1).max())
         x, y = mask_tokens(enc["input_ids"][idx, :n], special[idx, :n], len(tok), tok.mask_token_id, gen)
         return model(input_ids=x, attention_mask=m[:, :n], labels=y).loss
-    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-roberta")
+    final = pretrain(model, loss_fn, p)
     venc = tok(val, return_tensors="pt", padding=True, truncation=True, max_length=p["max_len"])
     x, y = mask_tokens(venc["input_ids"], venc["input_ids"] < 5, len(tok), tok.mask_token_id, torch.Generator().manual_seed(1))
     with torch.no_grad(): logits = model(input_ids=x, attention_mask=venc["attention_mask"]).logits
@@ -191,7 +187,7 @@ def train_tiny_roberta(out: Path, p: dict) -> dict:
     acc = (logits.argmax(-1)[hit] == y[hit]).float().mean().item()
     majority = (y[hit] == y[hit].mode().values).float().mean().item()
     model.save_pretrained(out); tok.save_pretrained(out)
-    return {"val_masked_acc": acc, "majority_acc": majority, "final_loss": float(np.mean(losses[-20:]))}
+    return {"val_masked_acc": acc, "majority_acc": majority, "final_loss": final}
 
 # %% ../nbs/32_zoo_recipes.ipynb #76f45227
 @register("tiny-grid", "grid", "ResNet grid encoder (CLIP RN50x16's role), contrastive against tiny-clip's frozen text tower",
@@ -213,12 +209,12 @@ def train_tiny_grid(out: Path, p: dict) -> dict:
         logits = embed(px[idx]) @ text[torch.as_tensor(idx * 5 + rng.integers(0, 5, len(idx)))].T * model.log_scale.exp()
         target = torch.arange(len(idx))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-grid", weight_decay=0.1)
+    final = pretrain(model, loss_fn, p, weight_decay=0.1)
     with torch.no_grad():
         enc = tok([s.captions[0] for s in data["val"]], return_tensors="pt", padding=True)
         metrics = recall_at_1(embed(pixels(iproc, [s.image for s in data["val"]])), _as_tensor(clip.get_text_features(**enc)))
     model.encoder.save_pretrained(out); iproc.save_pretrained(out)
-    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": float(np.mean(losses[-20:]))}
+    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": final}
 
 # %% ../nbs/32_zoo_recipes.ipynb #5fcb09c3
 @register("tiny-blip", "captioner", "BLIP captioner (ViT + cross-attending text decoder) on the world's COCO-style captions",
@@ -234,7 +230,7 @@ def train_tiny_blip(out: Path, p: dict) -> dict:
         idx = rng.choice(len(px), p["batch_size"], replace=False)
         i, m = pick_captions(ids, mask, idx, rng)
         return model(pixel_values=px[idx], input_ids=i, attention_mask=m, labels=i.masked_fill(m == 0, -100)).loss
-    losses = train_loop(model, loss_fn, p["steps"], p["lr"], "zoo tiny-blip")
+    final = pretrain(model, loss_fn, p)
     with torch.no_grad():
         gen = model.generate(pixel_values=pixels(proc.image_processor, [s.image for s in data["val"]]), max_new_tokens=30)
     refs = {i: list(s.captions) for i, s in enumerate(data["val"])}
@@ -243,7 +239,7 @@ def train_tiny_blip(out: Path, p: dict) -> dict:
     model.save_pretrained(out); proc.save_pretrained(out)
     return {"val_cider": evaluate_captions(refs, preds, fast=True)["CIDEr"] * 100,
             "constant_cider": evaluate_captions(refs, {i: constant for i in refs}, fast=True)["CIDEr"] * 100,
-            "final_loss": float(np.mean(losses[-20:]))}
+            "final_loss": final}
 
 # %% ../nbs/32_zoo_recipes.ipynb #5c8dc579
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
