@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test gates pytest export clean-nbs docs kernel lab system help
+.PHONY: install reproduce test test-fast gates pytest pytest-fast export clean-nbs docs kernel lab system help
 
 help:
 	@echo "make reproduce   run every paper notebook in the tiny preset and print the results table"
-	@echo "make test        the CI gates: export and clean leave no diff, nbdev_test, pytest"
+	@echo "make test        the CI gates: export and clean leave no diff, nbdev_test, pytest (every tier)"
+	@echo "make test-fast   the inner loop: the same gates and notebook tests, pytest without the slow tier"
 	@echo "make docs        build the documentation site into _docs/ (offline) and screenshot it into results/docs/"
 	@echo "make lab         start JupyterLab on the repository with the project's kernel"
 
@@ -29,11 +30,17 @@ reproduce: install system
 
 test: install system gates pytest
 
+test-fast: install gates pytest-fast
+
 gates: install
 	bash .ci/gates.sh $(BIN)
 
 pytest: install
 	$(BIN)/pytest -q tests
+
+# no paper notebook, no browser, no multi-process run: the tests marked `slow` are left out
+pytest-fast: install
+	$(BIN)/pytest -q -m "not slow" tests
 
 # Debian packages: WordNet 3.0 (NxTP's lemmatizer offline), Chromium and its driver (browser tests; a browser download
 # by a test tool does not work offline). Installed once, as root; otherwise the command to run is printed.

@@ -17,4 +17,5 @@ if [ "$before" != "$(snapshot nbs)" ]; then
   git status --short -- nbs >&2; exit 1
 fi
 # One torch thread per notebook: nbdev_test runs one notebook per core, and oversubscribed threads spin (20x slower).
+# nbs/papers holds a .notest file: the paper notebooks run once each, with their smoke preset, in tests/test_papers.py.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$bin/nbdev_test" --do_print --timing

@@ -72,7 +72,7 @@ def collect_pages(root: Path, proc: Path, results: Path) -> list[tuple[str, str,
         executed = results/system/"tiny"/f"{system}.ipynb"
         pages.append(("Papers", paper_page(nb) + ".ipynb", executed if executed.exists() else proc/"papers"/nb.name))
     if (results/"README.md").exists(): pages.append(("Results", "results.md", results/"README.md"))
-    for guide in ("gpu_guide.md", "scaling.md"):
+    for guide in ("architecture.md", "gpu_guide.md", "scaling.md"):
         if (root/"nbs"/guide).exists(): pages.append(("Guides", guide, root/"nbs"/guide))
     return pages
 
