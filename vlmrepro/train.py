@@ -109,25 +109,31 @@ def make_loader(data, cfg: TrainConfig, collate_fn: Callable | None = None, shuf
 
 # %% ../nbs/03_train.ipynb #a4cd7e03
 class MetricsLog:
-    "Append-only metrics.jsonl (+ TensorBoard) that can be cut back to a checkpoint."
-    def __init__(self, out_dir: Path, keep_records: int | None = None, start_step: int = 0, tensorboard: bool = True):
-        self.path = Path(out_dir)/"metrics.jsonl"
-        self.records = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
-        if keep_records is not None or not self.records:
-            self.records = self.records[:keep_records or 0]
-            with atomic_write(self.path) as f: f.writelines(json.dumps(r) + "\n" for r in self.records)
+    "metrics.jsonl (+ TensorBoard) holding the first `keep_records` records already there, appended to by `log`."
+    def __init__(self, out_dir: Path, keep_records: int = 0, tensorboard: bool = True):
+        self.path, tb_dir = Path(out_dir)/"metrics.jsonl", Path(out_dir)/"tb"
+        lines = [l for l in self.path.read_text().splitlines() if l.strip()][:keep_records] if self.path.exists() else []
+        try: self.records = [json.loads(l) for l in lines]
+        except json.JSONDecodeError as e:
+            raise VlmreproError(f"{self.path}: a record the checkpoint counts is not JSON ({e}); restore the file, or rerun with resume=False") from None
+        with atomic_write(self.path) as f: f.writelines(json.dumps(r) + "\n" for r in self.records)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir)/"tb"), purge_step=start_step or None)
+            shutil.rmtree(tb_dir, ignore_errors=True)
+            self.tb = SummaryWriter(str(tb_dir))
+            for r in self.records: self._mirror(r)
+
+    def _mirror(self, rec: dict):
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, float): self.tb.add_scalar(k, v, rec["step"])
 
     def log(self, step: int, **values):
+        "Append one record of `values` at `step`."
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()}}
         self.records.append(rec)
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n"); f.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, float): self.tb.add_scalar(k, v, step)
+        if self.tb: self._mirror(rec)
 
     def close(self):
         if self.tb: self.tb.close()
@@ -238,7 +244,7 @@ def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLi
         sched.load_state_dict(saved["scheduler"]); set_rng_state(saved["rng"]); st.update(saved["trainer"])
         acc.print(f"resumed from {last} (step {st['step']}, epoch {st['epoch']})")
     elif ckpt_root.exists() and not cfg.resume and acc.is_main_process: shutil.rmtree(ckpt_root)
-    log = MetricsLog(out_dir, keep_records=st["n_records"] if last else None, start_step=st["step"]) if acc.is_main_process else None
+    log = MetricsLog(out_dir, keep_records=st["n_records"]) if acc.is_main_process else None
 
     def checkpoint():
         st["n_records"] = len(log.records) if log else 0
