@@ -128,6 +128,18 @@ def test_fit_killed(tmp_path, fit_reference, mode, resume_from):
     assert (ck/f"step-{resume_from:07d}").exists() is False or (ck/f"step-{resume_from:07d}"/"manifest.json").read_bytes() == before
 
 
+
+def test_fit_killed_before_its_first_checkpoint(tmp_path, fit_reference):
+    "Log lines but no checkpoint yet: the re-run starts over and its log holds every step once, not the dead run's lines too."
+    run = tmp_path/"run"
+    kill_at(spawn(python(FIT, run, "step:3"), tmp_path/"log1"), tmp_path/"marker", tmp_path/"log1")   # before checkpoint step-3
+    assert not (run/"checkpoints"/"latest.json").exists() and _losses(run) == [1, 2]
+    out = finish(python(FIT, run, "none"), tmp_path/"log2")
+    assert "resumed from" not in out
+    assert _losses(run) == list(range(1, 17))
+    want, got = load_file(str(fit_reference/"final.safetensors")), load_file(str(tmp_path/"final.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want), "the restarted run's weights differ from an uninterrupted run"
+
 def test_fit_cleans_up_a_torn_checkpoint_directory(tmp_path):
     run = tmp_path/"run"
     kill_at(spawn(python(FIT, run, "weights:2"), tmp_path/"log1"), tmp_path/"marker", tmp_path/"log1")

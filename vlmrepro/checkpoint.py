@@ -16,7 +16,7 @@ from .core import VlmreproError, atomic_write, read_json, sha256_file, write_jso
 # %% auto #0
 __all__ = ['model_state', 'save_model_weights', 'load_model_weights', 'flatten_state', 'unflatten_state', 'rng_state',
            'set_rng_state', 'seal_checkpoint', 'remove_partial_checkpoints', 'verify_checkpoint', 'save_checkpoint',
-           'resolve_checkpoint', 'load_checkpoint', 'prune_checkpoints']
+           'read_pointer', 'resolve_checkpoint', 'load_checkpoint', 'prune_checkpoints']
 
 # %% ../nbs/01_checkpoint.ipynb #fc1bb2ac
 def _trainable_prefixes(model: torch.nn.Module) -> set[str]:
@@ -149,11 +149,21 @@ def save_checkpoint(root: str | os.PathLike, name: str, model: torch.nn.Module, 
         return seal_checkpoint(tmp, root, name, pointer, keep)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
+def read_pointer(path: str | os.PathLike) -> str:
+    "The checkpoint name a pointer file holds, refused unless it names a directory directly inside the pointer's root."
+    path, obj = Path(path), read_json(path)
+    root, name = path.parent, obj.get("checkpoint") if isinstance(obj, dict) else None
+    inside = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+    if not inside or (root/name).resolve().parent != root.resolve():
+        raise VlmreproError(f"{path}: 'checkpoint' must name a checkpoint directory inside {root} (like \"step-0000120\"), "
+                            f"got {name!r}; point it at one of the checkpoints there, or delete it")
+    return name
+
 def resolve_checkpoint(root: str | os.PathLike, pointer: str = "latest") -> Path | None:
     "The checkpoint directory `root/{pointer}.json` points at, or None if there is none yet."
     p = Path(root)/f"{pointer}.json"
     if not p.exists(): return None
-    ckpt = Path(root)/read_json(p)["checkpoint"]
+    ckpt = Path(root)/read_pointer(p)
     return ckpt if ckpt.exists() else None
 
 def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
@@ -166,7 +176,7 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module | None = Non
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
     "Delete all but the newest `keep` step-* checkpoints, never one that a pointer file names."
     root = Path(root)
-    pinned = {read_json(p)["checkpoint"] for p in root.glob("*.json")}
+    pinned = {read_pointer(p) for p in root.glob("*.json")}
     steps = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name)
     for p in steps[:-keep] if keep else []:
         if p.name not in pinned: shutil.rmtree(p, ignore_errors=True)

@@ -21,8 +21,9 @@ from .distributed import (engine, full_params, load_sharded_checkpoint, make_acc
                                   save_sharded_checkpoint, strategy_from_env)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'TrainConfig', 'lr_factor', 'EpochSampler', 'splits_itself', 'make_loader', 'MetricsLog', 'FitResult',
-           'default_loss', 'default_optimizer', 'fit']
+__all__ = ['SCHEDULES', 'TrainConfig', 'lr_factor', 'EpochSampler', 'splits_itself', 'make_loader', 'MetricsLog', 'TrainState',
+           'Strategy', 'distribute', 'Checkpointer', 'PlainCheckpointer', 'ShardedCheckpointer', 'restore', 'improves',
+           'evaluate', 'checkpoint', 'log_train', 'FitResult', 'default_loss', 'default_optimizer', 'fit']
 
 # %% ../nbs/03_train.ipynb #d6c3ae61
 SCHEDULES = ("cosine", "constant", "linear")
@@ -109,30 +110,253 @@ def make_loader(data, cfg: TrainConfig, collate_fn: Callable | None = None, shuf
 
 # %% ../nbs/03_train.ipynb #a4cd7e03
 class MetricsLog:
-    "Append-only metrics.jsonl (+ TensorBoard) that can be cut back to a checkpoint."
-    def __init__(self, out_dir: Path, keep_records: int | None = None, start_step: int = 0, tensorboard: bool = True):
-        self.path = Path(out_dir)/"metrics.jsonl"
-        self.records = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
-        if keep_records is not None or not self.records:
-            self.records = self.records[:keep_records or 0]
-            with atomic_write(self.path) as f: f.writelines(json.dumps(r) + "\n" for r in self.records)
+    "metrics.jsonl (+ TensorBoard) holding the first `keep_records` records already there, appended to by `log`."
+    def __init__(self, out_dir: Path, keep_records: int = 0, tensorboard: bool = True):
+        self.path, tb_dir = Path(out_dir)/"metrics.jsonl", Path(out_dir)/"tb"
+        lines = [l for l in self.path.read_text().splitlines() if l.strip()][:keep_records] if self.path.exists() else []
+        try: self.records = [json.loads(l) for l in lines]
+        except json.JSONDecodeError as e:
+            raise VlmreproError(f"{self.path}: a record the checkpoint counts is not JSON ({e}); restore the file, or rerun with resume=False") from None
+        with atomic_write(self.path) as f: f.writelines(json.dumps(r) + "\n" for r in self.records)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir)/"tb"), purge_step=start_step or None)
+            shutil.rmtree(tb_dir, ignore_errors=True)
+            self.tb = SummaryWriter(str(tb_dir))
+            for r in self.records: self._mirror(r)
+
+    def _mirror(self, rec: dict):
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, float): self.tb.add_scalar(k, v, rec["step"])
 
     def log(self, step: int, **values):
+        "Append one record of `values` at `step`."
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()}}
         self.records.append(rec)
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n"); f.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, float): self.tb.add_scalar(k, v, step)
+        if self.tb: self._mirror(rec)
 
     def close(self):
         if self.tb: self.tb.close()
 
-# %% ../nbs/03_train.ipynb #38382de7
+# %% ../nbs/03_train.ipynb #b95186cf
+@dataclass
+class TrainState:
+    "Where training stands: the counters a checkpoint saves and callbacks read (`state.step` or `state['step']`)."
+    step: int = 0                     # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0           # micro-batches of `epoch` done
+    best: float | None = None         # best value of `cfg.metric` so far, and its step
+    best_step: int | None = None
+    last_eval: dict = field(default_factory=dict)
+    n_records: int = 0                # records of metrics.jsonl this state accounts for
+    running: list = field(default_factory=list)         # losses since the last log line (tensors: no device sync per step)
+    running_extra: dict = field(default_factory=dict)   # the loss function's extra values since the last log line
+
+    def __getitem__(self, name: str): return getattr(self, name)
+
+    def add(self, loss: torch.Tensor, extra: dict):
+        "Count one micro-batch's loss and extra values toward the next log line."
+        self.running.append(loss.detach().float())
+        for k, v in extra.items(): self.running_extra.setdefault(k, []).append(float(v))
+
+    def to_dict(self) -> dict:
+        "A JSON-able copy for a checkpoint."
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "running": [float(x) for x in self.running],
+                "running_extra": {k: [float(x) for x in v] for k, v in self.running_extra.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, device=None) -> "TrainState":
+        "Inverse of `to_dict`, with the running losses as tensors on `device`."
+        return cls(**{**d, "running": [torch.tensor(x, device=device) for x in d.get("running", [])],
+                      "running_extra": {k: list(v) for k, v in d.get("running_extra", {}).items()}})
+
+# %% ../nbs/03_train.ipynb #66d17300
+class _Step(nn.Module):
+    "Runs `fn(model, *args)` as its forward, so DDP, FSDP and DeepSpeed see every forward a loss or evaluation makes."
+    def __init__(self, model: nn.Module): super().__init__(); self.model = model
+    def forward(self, fn: Callable, *args): return fn(self.model, *args)
+
+def _prepare(acc, *objs) -> tuple:
+    out = acc.prepare(*objs)
+    return out if len(objs) > 1 else (out,)
+
+def _accelerator(cfg: TrainConfig):
+    device = pick_device(cfg.device)
+    return make_accelerator(strategy_from_env(), pick_precision(device, cfg.precision), cpu=device.type == "cpu",
+                            grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
+
+@dataclass
+class Strategy:
+    "How this run trains, decided before the loop: the engine and the prepared model wrapper, optimizer and loader."
+    acc: object
+    kind: str                         # ddp (also one process) | fsdp | deepspeed
+    module: nn.Module                 # the prepared `_Step`: every forward goes through it
+    raw: nn.Module                    # the model itself, for callbacks and whole-weight checkpoints
+    opt: torch.optim.Optimizer
+    loader: object
+    sampler: object                   # the `EpochSampler` under `loader`, if any
+    to_device: Callable               # a batch onto this process's device (identity when accelerate's loader does it)
+
+    @property
+    def sharded(self) -> bool: return self.kind != "ddp"
+
+    def epoch_length(self) -> int | None:
+        "Batches per epoch on this rank; None for a stream without a length."
+        try: return len(self.loader)
+        except TypeError: return None
+
+    def batches(self, epoch: int, skip: int = 0):
+        "Epoch `epoch`'s batches in their seeded order, without the first `skip` (trained on before a kill)."
+        loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+        for s in (self.sampler, self.loader, loader):   # accelerate's loaders re-set the sampler's epoch from their own
+            if hasattr(s, "set_epoch"): s.set_epoch(epoch)
+        return loader
+
+    def forward_backward(self, loss_fn: Callable, batch, sync: bool, grad_accum: int) -> tuple:
+        "(loss, extra values) of one micro-batch after its backward; gradients are reduced across ranks only when `sync`."
+        no_sync = contextlib.nullcontext() if sync or self.kind == "deepspeed" else self.acc.no_sync(self.module)
+        with no_sync, self.acc.autocast():
+            out = self.module(loss_fn, self.to_device(batch))
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            self.acc.backward(loss if self.kind == "deepspeed" else loss / grad_accum)   # DeepSpeed divides by its own count
+        return loss, extra
+
+    def optimizer_step(self, sched, max_grad_norm: float | None):
+        "Clip the gradients, step the optimizer and the schedule, clear the gradients."
+        if max_grad_norm: self.acc.clip_grad_norm_(self.module.parameters(), max_grad_norm)
+        self.opt.step(); sched.step(); self.opt.zero_grad(set_to_none=True)
+
+    def evaluate(self, eval_fn: Callable) -> dict:
+        "`eval_fn`'s metrics as floats, computed in eval mode without gradients."
+        self.module.eval()
+        with torch.no_grad(): metrics = self.module(eval_fn) if self.sharded else eval_fn(self.raw)
+        self.module.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    def full_params(self):
+        "A context in which callbacks may edit whole weights, even sharded ones."
+        return full_params(self.acc, self.module)
+
+def distribute(acc, model: nn.Module, loader, opt: torch.optim.Optimizer) -> Strategy:
+    "Wrap `model` so the engine sees every forward, shard it under FSDP, and prepare it, `opt` and `loader` with `acc`."
+    kind, module, sampler = engine(acc), _Step(model), getattr(loader, "sampler", None)
+    prepare_strategy(acc, module, opt)                # FSDP shards `module` here: accelerate must not wrap it in DDP
+    models = [] if kind == "fsdp" else [module]
+    if splits_itself(loader):   # a stream that reads only its rank's shards
+        from accelerate.utils import send_to_device
+        (*models, opt), to_device = _prepare(acc, *models, opt), lambda b: send_to_device(b, acc.device)
+        if getattr(loader.dataset, "auto_rank", False): loader.dataset.set_rank(acc.process_index, acc.num_processes)
+    else: (*models, opt, loader), to_device = _prepare(acc, *models, opt, loader), lambda b: b
+    module = models[0] if models else module
+    return Strategy(acc, kind, module, acc.unwrap_model(module).model, opt, loader, sampler, to_device)
+
+# %% ../nbs/03_train.ipynb #a1af863a
+class Checkpointer:
+    "`fit`'s checkpoints under `root`: resume points (`save`, `load`) and the best evaluation's weights (`save_best`)."
+    def __init__(self, run: Strategy, root: Path, trainable_only: bool = True):
+        self.run, self.root, self.trainable_only = run, Path(root), trainable_only
+
+    def latest(self) -> Path | None: return resolve_checkpoint(self.root)
+
+    def save_best(self, step: int, metrics: dict):
+        "Keep the weights evaluated at `step` as the best, in place of the previous best."
+        old, name = resolve_checkpoint(self.root, "best"), f"best-{step:07d}"
+        self.write(name, {"step": step, "metrics": metrics}, pointer="best")
+        if self.run.acc.is_main_process and old is not None and old.name != name: shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self):
+        "Delete every checkpoint, for a run that starts over."
+        if self.run.acc.is_main_process and self.root.exists(): shutil.rmtree(self.root)
+
+class PlainCheckpointer(Checkpointer):
+    "Whole weights, and the optimizer in resume points, written by rank 0."
+    def write(self, name: str, state: dict, pointer: str = "latest", keep: int | None = None):
+        if self.run.acc.is_main_process:
+            save_checkpoint(self.root, name, self.run.raw, state, self.trainable_only, pointer=pointer, keep=keep)
+
+    def save(self, name: str, state: dict, keep: int | None = None):
+        self.write(name, {**state, "optimizer": self.run.opt.state_dict()}, keep=keep)
+
+    def load(self, ckpt: Path) -> dict:
+        saved = load_checkpoint(ckpt, self.run.raw)
+        self.run.opt.load_state_dict(saved["optimizer"])
+        return saved
+
+class ShardedCheckpointer(Checkpointer):
+    "Every rank's shards of the weights and optimizer, and rank 0's state beside them; every call is collective."
+    def write(self, name: str, state: dict, pointer: str = "latest", keep: int | None = None):
+        r = self.run
+        save_sharded_checkpoint(r.acc, r.module, r.opt, self.root, name, state, self.trainable_only, pointer, keep)
+
+    def save(self, name: str, state: dict, keep: int | None = None): self.write(name, state, keep=keep)
+
+    def load(self, ckpt: Path) -> dict:
+        return load_sharded_checkpoint(self.run.acc, self.run.module, self.run.opt, ckpt, self.trainable_only)
+
+_RESUME_SAFE = {"progress", "log_every", "num_workers", "device", "resume", "keep_checkpoints"}
+
+def _check_resumable(saved: dict, cfg: TrainConfig, ckpt: Path):
+    defaults = TrainConfig().to_dict()   # a setting newer than the checkpoint counts as its default
+    diff = {k for k, v in cfg.to_dict().items()
+            if k not in _RESUME_SAFE and json.loads(json.dumps(v)) != saved.get(k, json.loads(json.dumps(defaults[k])))}
+    if diff: raise VlmreproError(f"{ckpt} was written with different settings ({', '.join(sorted(diff))}); "
+                                 "use a new output directory, or resume=False to start over")
+
+def restore(ckpt: Checkpointer, sched, cfg: TrainConfig) -> TrainState:
+    "The last resume point's state, with its weights, optimizer, schedule and random generators loaded; else a fresh one."
+    if not cfg.resume: ckpt.clear()
+    last = ckpt.latest() if cfg.resume else None
+    if last is None: return TrainState()
+    saved = ckpt.load(last)
+    _check_resumable(saved["cfg"], cfg, last)
+    sched.load_state_dict(saved["scheduler"]); set_rng_state(saved["rng"])
+    st = TrainState.from_dict(saved["trainer"], device=ckpt.run.acc.device)
+    ckpt.run.acc.print(f"resumed from {last} (step {st.step}, epoch {st.epoch})")
+    return st
+
+# %% ../nbs/03_train.ipynb #3493885e
+def _on_eval_schedule(cfg: TrainConfig, step: int) -> bool: return bool(cfg.eval_every) and step % cfg.eval_every == 0
+
+def _eval_at_epoch_end(cfg: TrainConfig, step: int, total: int) -> bool:
+    "Evaluate after an epoch unless its last step just was; without `epoch_eval`, only after the last step."
+    return not _on_eval_schedule(cfg, step) and (cfg.epoch_eval or not cfg.eval_every or step >= total)
+
+def improves(metrics: dict, best: float | None, metric: str, mode: str = "max") -> bool:
+    "True when `metrics[metric]` beats `best` (None: nothing to beat yet) in direction `mode`."
+    if metric not in metrics: raise VlmreproError(f"metric {metric!r} is not among the evaluation's {sorted(metrics)}")
+    return best is None or (metrics[metric] > best if mode == "max" else metrics[metric] < best)
+
+def evaluate(run: Strategy, eval_fn: Callable | None, st: TrainState, cfg: TrainConfig, log: MetricsLog | None,
+             ckpt: Checkpointer, callbacks: list = ()):
+    "Run `eval_fn` (if any), log its metrics, keep the best checkpoint by `cfg.metric`, and hand the metrics to the callbacks."
+    if eval_fn is None: return
+    metrics = st.last_eval = run.evaluate(eval_fn)
+    if log: log.log(st.step, epoch=st.epoch, **metrics)
+    if cfg.metric and improves(metrics, st.best, cfg.metric, cfg.mode):
+        st.best, st.best_step = metrics[cfg.metric], st.step
+        ckpt.save_best(st.step, metrics)
+    _call(callbacks, "after_eval", metrics, st)
+
+# %% ../nbs/03_train.ipynb #2c36242c
+def checkpoint(ckpt: Checkpointer, st: TrainState, sched, cfg: TrainConfig, log: MetricsLog | None):
+    "Write a resume point at the current step: weights, optimizer, schedule, random generators, settings and state."
+    st.n_records = len(log.records) if log else 0
+    state = {"trainer": st.to_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+             "cfg": json.loads(json.dumps(cfg.to_dict()))}
+    ckpt.save(f"step-{st.step:07d}", state, keep=cfg.keep_checkpoints)
+
+def log_train(run: Strategy, st: TrainState, log: MetricsLog | None, lr: float) -> float:
+    "Log the means since the last line over every rank, start the next window, and return the mean loss."
+    names = sorted(st.running_extra)
+    local = [torch.stack(st.running).mean().item(), *(sum(st.running_extra[k]) / len(st.running_extra[k]) for k in names)]
+    means = run.acc.gather(torch.tensor(local, device=run.acc.device)[None]).mean(0).tolist()
+    if log: log.log(st.step, epoch=st.epoch, **{"train/loss": means[0], "train/lr": lr},
+                    **{f"train/{k}": v for k, v in zip(names, means[1:])})
+    st.running, st.running_extra = [], {}
+    return means[0]
+
+# %% ../nbs/03_train.ipynb #3f4e9e7a
 @dataclass
 class FitResult:
     "What `fit` returns: the final counters, the best evaluation, and the full log."
@@ -158,12 +382,9 @@ def default_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.O
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
-def _steps_per_epoch(loader, cfg) -> int | None:
-    try: return math.ceil(len(loader) / cfg.grad_accum)
-    except TypeError: return None
-
 def _total_steps(loader, cfg) -> int:
-    per_epoch = _steps_per_epoch(loader, cfg)
+    try: per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    except TypeError: per_epoch = None
     if per_epoch is None and cfg.max_steps is None:
         raise VlmreproError("the training data has no length (a stream); set max_steps")
     total = per_epoch * cfg.epochs if per_epoch is not None else cfg.max_steps
@@ -173,143 +394,49 @@ def _call(cbs, name, *args):
     for cb in cbs:
         if hasattr(cb, name): getattr(cb, name)(*args)
 
-_RESUME_SAFE = {"progress", "log_every", "num_workers", "device", "resume", "keep_checkpoints"}
-
-def _check_resumable(saved: dict, cfg: TrainConfig, ckpt: Path):
-    defaults = TrainConfig().to_dict()   # a setting newer than the checkpoint counts as its default
-    diff = {k for k, v in cfg.to_dict().items()
-            if k not in _RESUME_SAFE and json.loads(json.dumps(v)) != saved.get(k, json.loads(json.dumps(defaults[k])))}
-    if diff: raise VlmreproError(f"{ckpt} was written with different settings ({', '.join(sorted(diff))}); "
-                                 "use a new output directory, or resume=False to start over")
-
-# %% ../nbs/03_train.ipynb #79757a4d
-class _Step(nn.Module):
-    "Runs `fn(model, *args)` as its forward, so DDP, FSDP and DeepSpeed see every forward a loss or evaluation makes."
-    def __init__(self, model: nn.Module): super().__init__(); self.model = model
-    def forward(self, fn: Callable, *args): return fn(self.model, *args)
-
-def _prepare(acc, *objs) -> tuple:
-    out = acc.prepare(*objs)
-    return out if len(objs) > 1 else (out,)
-
-def _accelerator(cfg: TrainConfig):
-    device = pick_device(cfg.device)
-    return make_accelerator(strategy_from_env(), pick_precision(device, cfg.precision), cpu=device.type == "cpu",
-                            grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
-
+# %% ../nbs/03_train.ipynb #de1f4ccd
 def fit(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
         collate_fn: Callable | None = None, loss_fn: Callable = default_loss, eval_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None, callbacks: Iterable = (), accelerator=None) -> FitResult:
     "Train `model` on `data` with `cfg`; checkpoints, logs and resume live in `out_dir`."
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vlmrepro-fit-"))
-    ckpt_root = out_dir/"checkpoints"
-    callbacks = list(callbacks)
-    acc = accelerator or _accelerator(cfg)
-    if acc.is_main_process:   # before any work: a read-only or full disk is a clear error; a killed checkpoint write left a temp dir
-        ensure_writable_dir(out_dir, "training output directory")
-        remove_partial_checkpoints(ckpt_root)
-    kind = engine(acc); sharded = kind != "ddp"
+    acc, callbacks = accelerator or _accelerator(cfg), list(callbacks)
+    if acc.is_main_process:   # before any work: a full or read-only disk fails here; a killed checkpoint write left a temp dir
+        ensure_writable_dir(out_dir, "training output directory"); remove_partial_checkpoints(out_dir/"checkpoints")
     seed_everything(cfg.seed)
     loader = make_loader(data, cfg, collate_fn)
-    sampler = getattr(loader, "sampler", None)
-    opt, step = optimizer or default_optimizer(model, cfg), _Step(model)
-    prepare_strategy(acc, step, opt)                  # FSDP shards `step` here: accelerate must not wrap it in DDP
-    models = [] if kind == "fsdp" else [step]
-    if splits_itself(loader):   # a stream that reads only its rank's shards
-        from accelerate.utils import send_to_device
-        (*models, opt), to_device = _prepare(acc, *models, opt), lambda b: send_to_device(b, acc.device)
-        if getattr(loader.dataset, "auto_rank", False): loader.dataset.set_rank(acc.process_index, acc.num_processes)
-    else: (*models, opt, loader), to_device = _prepare(acc, *models, opt, loader), lambda b: b
-    step = models[0] if models else step
-    total = _total_steps(loader, cfg)   # after prepare: this rank's share of the batches
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
-    raw = acc.unwrap_model(step).model
+    run = distribute(acc, model, loader, optimizer or default_optimizer(model, cfg))
+    total = _total_steps(run.loader, cfg)   # after prepare: this rank's share of the batches
+    sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
+    ckpt = (ShardedCheckpointer if run.sharded else PlainCheckpointer)(run, out_dir/"checkpoints", cfg.trainable_only)
+    st = restore(ckpt, sched, cfg)
+    log = MetricsLog(out_dir, keep_records=st.n_records) if acc.is_main_process else None
+    bar = tqdm(total=total, initial=st.step, disable=not (cfg.progress and acc.is_main_process), desc="fit", mininterval=2,
+               dynamic_ncols=True)
 
-    def save(name, state, pointer="latest", keep=None):
-        if sharded: save_sharded_checkpoint(acc, step, opt, ckpt_root, name, state, cfg.trainable_only, pointer, keep)
-        elif acc.is_main_process: save_checkpoint(ckpt_root, name, raw, state, cfg.trainable_only, pointer=pointer, keep=keep)
-
-    st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "last_eval": {}, "n_records": 0}
-    last = resolve_checkpoint(ckpt_root) if cfg.resume else None
-    if last is not None:
-        saved = load_sharded_checkpoint(acc, step, opt, last, cfg.trainable_only) if sharded else load_checkpoint(last, raw)
-        _check_resumable(saved["cfg"], cfg, last)
-        if not sharded: opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"]); set_rng_state(saved["rng"]); st.update(saved["trainer"])
-        acc.print(f"resumed from {last} (step {st['step']}, epoch {st['epoch']})")
-    elif ckpt_root.exists() and not cfg.resume and acc.is_main_process: shutil.rmtree(ckpt_root)
-    log = MetricsLog(out_dir, keep_records=st["n_records"] if last else None, start_step=st["step"]) if acc.is_main_process else None
-
-    def checkpoint():
-        st["n_records"] = len(log.records) if log else 0
-        st["running"], st["running_extra"] = [float(x) for x in running], {k: [float(x) for x in v] for k, v in running_extra.items()}
-        state = {"trainer": dict(st), "scheduler": sched.state_dict(), "rng": rng_state(),
-                 "cfg": json.loads(json.dumps(cfg.to_dict())), **({} if sharded else {"optimizer": opt.state_dict()})}
-        save(f"step-{st['step']:07d}", state, keep=cfg.keep_checkpoints)
-
-    def evaluate():
-        if eval_fn is None: return
-        step.eval()
-        with torch.no_grad(): metrics = {k: float(v) for k, v in (step(eval_fn) if sharded else eval_fn(raw)).items()}
-        step.train()
-        st["last_eval"] = metrics
-        if log: log.log(st["step"], epoch=st["epoch"], **metrics)
-        if cfg.metric:
-            if cfg.metric not in metrics: raise VlmreproError(f"metric {cfg.metric!r} is not among the evaluation's {sorted(metrics)}")
-            v = metrics[cfg.metric]
-            if st["best"] is None or (v > st["best"] if cfg.mode == "max" else v < st["best"]):
-                st["best"], st["best_step"] = v, st["step"]
-                old = resolve_checkpoint(ckpt_root, "best")
-                save(f"best-{st['step']:07d}", {"step": st["step"], "metrics": metrics}, pointer="best")
-                if acc.is_main_process and old is not None and old.name != f"best-{st['step']:07d}": shutil.rmtree(old, ignore_errors=True)
-        _call(callbacks, "after_eval", metrics, st)
-
-    def log_train():
-        names = sorted(running_extra)
-        local = [torch.stack(running).mean().item(), *(sum(running_extra[k]) / len(running_extra[k]) for k in names)]
-        means = acc.gather(torch.tensor(local, device=acc.device)[None]).mean(0).tolist()
-        if log: log.log(st["step"], epoch=st["epoch"], **{"train/loss": means[0], "train/lr": sched.get_last_lr()[0]},
-                        **{f"train/{k}": v for k, v in zip(names, means[1:])})
-        bar.set_postfix(loss=f"{means[0]:.4f}")
-
-    bar = tqdm(total=total, initial=st["step"], disable=not (cfg.progress and acc.is_main_process),
-               desc="fit", mininterval=2, dynamic_ncols=True)
-    step.train()
-    running = [torch.tensor(x, device=acc.device) for x in st.pop("running", [])]        # losses and extra values since the last log line
-    running_extra = {k: list(v) for k, v in st.pop("running_extra", {}).items()}
-    while st["step"] < total and st["epoch"] < cfg.epochs:
-        epoch_loader = acc.skip_first_batches(loader, st["batch_in_epoch"]) if st["batch_in_epoch"] else loader
-        for s in (sampler, loader, epoch_loader):   # accelerate's loaders re-set the sampler's epoch from their own
-            if hasattr(s, "set_epoch"): s.set_epoch(st["epoch"])
-        n_batches = len(loader) if _steps_per_epoch(loader, cfg) is not None else None
-        micro = 0
-        for batch in epoch_loader:
-            micro += 1; st["batch_in_epoch"] += 1
-            sync = micro % cfg.grad_accum == 0 or st["batch_in_epoch"] == n_batches
-            with (contextlib.nullcontext() if sync or kind == "deepspeed" else acc.no_sync(step)), acc.autocast():
-                out = step(loss_fn, to_device(batch))
-                loss, extra = out if isinstance(out, tuple) else (out, {})
-                acc.backward(loss if kind == "deepspeed" else loss / cfg.grad_accum)   # DeepSpeed divides by its own count
-            running.append(loss.detach().float())
-            for k, v in extra.items(): running_extra.setdefault(k, []).append(float(v))
+    run.module.train()
+    while st.step < total and st.epoch < cfg.epochs:
+        n_batches = run.epoch_length()
+        for batch in run.batches(st.epoch, skip=st.batch_in_epoch):
+            st.batch_in_epoch += 1
+            sync = st.batch_in_epoch % cfg.grad_accum == 0 or st.batch_in_epoch == n_batches
+            st.add(*run.forward_backward(loss_fn, batch, sync, cfg.grad_accum))
             if not sync: continue
-            _call(callbacks, "after_backward", raw)
-            if cfg.max_grad_norm: acc.clip_grad_norm_(step.parameters(), cfg.max_grad_norm)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            st["step"] += 1; bar.update(1)
-            with full_params(acc, step): _call(callbacks, "after_step", raw, st)
-            if st["step"] % cfg.log_every == 0 or st["step"] == total:
-                log_train(); running, running_extra = [], {}
-            if cfg.eval_every and st["step"] % cfg.eval_every == 0: evaluate()
-            if cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0: checkpoint()
-            if st["step"] >= total: break
-        if st["step"] >= total or st["batch_in_epoch"] == n_batches or n_batches is None:
-            st["epoch"] += 1; st["batch_in_epoch"] = 0
-        just_evaluated = cfg.eval_every and st["step"] % cfg.eval_every == 0
-        if not just_evaluated and (cfg.epoch_eval or not cfg.eval_every or st["step"] >= total): evaluate()
-        checkpoint()
+            _call(callbacks, "after_backward", run.raw)
+            run.optimizer_step(sched, cfg.max_grad_norm)
+            st.step += 1; bar.update(1)
+            with run.full_params(): _call(callbacks, "after_step", run.raw, st)
+            if st.step % cfg.log_every == 0 or st.step == total:
+                bar.set_postfix(loss=f"{log_train(run, st, log, sched.get_last_lr()[0]):.4f}")
+            if _on_eval_schedule(cfg, st.step): evaluate(run, eval_fn, st, cfg, log, ckpt, callbacks)
+            if cfg.ckpt_every and st.step % cfg.ckpt_every == 0: checkpoint(ckpt, st, sched, cfg, log)
+            if st.step >= total: break
+        if st.step >= total or st.batch_in_epoch == n_batches or n_batches is None:
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        if _eval_at_epoch_end(cfg, st.step, total): evaluate(run, eval_fn, st, cfg, log, ckpt, callbacks)
+        checkpoint(ckpt, st, sched, cfg, log)
+
     bar.close()
     if log: log.close()
     acc.wait_for_everyone()
-    return FitResult(st["step"], st["epoch"], st["best"], st["best_step"], st["last_eval"],
-                     list(log.records) if log else [], out_dir)
+    return FitResult(st.step, st.epoch, st.best, st.best_step, st.last_eval, list(log.records) if log else [], out_dir)
