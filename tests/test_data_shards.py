@@ -8,7 +8,7 @@ import torch
 
 from vlmrepro.core import VlmreproError, read_json
 from vlmrepro.data.collate import CaptionCollator, toy_tokenizer
-from vlmrepro.data.pack import pack_main
+from vlmrepro.cli import dispatch
 from vlmrepro.data.readers import track
 from vlmrepro.data.records import Dropped, Sample
 from vlmrepro.data.shards import ShardDataset, write_shards
@@ -76,12 +76,12 @@ def test_track_counts_drops_across_workers_and_stops_past_the_bound():
 
 def test_pack_cli_counts_reader_and_packer_drops(tmp_path):
     coco = FIX/"coco"
-    assert pack_main(["--format", "coco", "--root", str(coco), "--split", "val", "--out", str(tmp_path/"p"),
+    assert dispatch(["pack", "--format", "coco", "--root", str(coco), "--split", "val", "--out", str(tmp_path/"p"),
                       "--maxcount", "1", "--max-bad-fraction", "0.5"]) == 0
     m = read_json(tmp_path/"p"/"manifest.json")
     assert m["count"] == 2 and len(m["shards"]) == 2                         # 42 and 99; 73 is a truncated JPEG
     assert m["drop_reasons"] == {"corrupt image": 1}
     assert m["reader"]["reasons"] == {"malformed row": 1, "missing image": 1}
     with pytest.raises(VlmreproError, match="more than 1%"):
-        pack_main(["--format", "coco", "--root", str(coco), "--split", "val", "--out", str(tmp_path/"q")])
+        dispatch(["pack", "--format", "coco", "--root", str(coco), "--split", "val", "--out", str(tmp_path/"q")])
     assert not (tmp_path/"q").exists()                                       # the reader stops before any shard is written

@@ -199,9 +199,9 @@ def test_tar_member_traversal_is_rejected(tmp_path, name):
        gt=JSON | st.fixed_dictionaries({"annotations": st.lists(st.fixed_dictionaries(
            {"image_id": either(1), "caption": either("a red tile")}), max_size=2)}))
 def test_eval_captions_cli_inputs(tmp_path, pred, gt):
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     (tmp_path/"p.json").write_text(json.dumps(pred)); (tmp_path/"g.json").write_text(json.dumps(gt))
-    try: assert eval_main(["captions", "--pred", str(tmp_path/"p.json"), "--gt", str(tmp_path/"g.json"), "--fast"]) == 0
+    try: assert dispatch(["eval", "captions", "--pred", str(tmp_path/"p.json"), "--gt", str(tmp_path/"g.json"), "--fast"]) == 0
     except VlmreproError as e: assert str(e)
 
 
@@ -214,9 +214,9 @@ def test_eval_captions_cli_inputs(tmp_path, pred, gt):
        qs=JSON | st.fixed_dictionaries({"questions": st.lists(st.fixed_dictionaries(
            {"question_id": either(10), "question": either("what color?"), "image_id": either(1)}), max_size=2)}))
 def test_eval_vqa_cli_inputs(tmp_path, pred, anns, qs):
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     for n, d in (("p", pred), ("a", anns), ("q", qs)): (tmp_path/f"{n}.json").write_text(json.dumps(d))
-    try: assert eval_main(["vqa", "--pred", str(tmp_path/"p.json"), "--annotations", str(tmp_path/"a.json"),
+    try: assert dispatch(["eval", "vqa", "--pred", str(tmp_path/"p.json"), "--annotations", str(tmp_path/"a.json"),
                            "--questions", str(tmp_path/"q.json")]) == 0
     except VlmreproError as e: assert str(e)
 
@@ -224,19 +224,19 @@ def test_eval_vqa_cli_inputs(tmp_path, pred, anns, qs):
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe\x00garbage", b"[" * 100_000, b"1e999999", b"\x00" * 10])
 def test_json_files_that_are_not_json(tmp_path, content):
     "Zero-size, truncated, not UTF-8, nested past the recursion limit: each a VlmreproError naming the file."
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     p = tmp_path/"bad.json"; p.write_bytes(content)
     try: read_json(p)
     except VlmreproError as e: assert "bad.json" in str(e)
     with pytest.raises(VlmreproError, match="bad.json|predictions|references"):
-        eval_main(["captions", "--pred", str(p), "--gt", str(p), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(p), "--gt", str(p), "--fast"])
 
 
 @pytest.mark.parametrize("argv", [[], ["captions"], ["captions", "--pred"], ["nope"], ["vqa", "--pred", "x"]])
 def test_eval_cli_usage_errors_are_vlmrepro_errors(argv):
     "argparse's SystemExit would end a caller's process; the tools raise VlmreproError like every other input error."
-    from vlmrepro.metrics.cli import eval_main
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(argv)
+    from vlmrepro.cli import dispatch
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", *argv])
 
 
 # ---- retrieval index ----
@@ -332,12 +332,12 @@ def test_sweep_file_malformed(tmp_path, text):
 
 
 def test_pack_cli_usage_and_bad_input(tmp_path, root):
-    from vlmrepro.data.pack import pack_main
+    from vlmrepro.cli import dispatch
     for argv in ([], ["--format", "nope", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o")],
                  ["--format", "coco", "--root", str(tmp_path/"missing"), "--split", "train", "--out", str(tmp_path/"o")],
                  ["--format", "coco", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o"), "--maxcount", "0"],
                  ["--format", "coco", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o"), "--maxcount", "x"]):
-        with pytest.raises(VlmreproError): pack_main(argv)
+        with pytest.raises(VlmreproError): dispatch(["pack", *argv])
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage!", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])

@@ -4,9 +4,9 @@ import json, shutil, subprocess, sys
 import pytest
 
 from vlmrepro.core import VlmreproError, write_json
-from vlmrepro.metrics.cli import eval_main
+from vlmrepro.cli import dispatch
 
-RUN = [sys.executable, "-c", "import sys; from vlmrepro.metrics.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))"]
+RUN = [sys.executable, "-m", "vlmrepro.cli", "eval"]
 
 
 @pytest.fixture
@@ -33,16 +33,16 @@ def test_official_captions_cli(files):
 
 
 def test_vizwiz_subset_cli(files, capsys):
-    assert eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast", "--subset"]) == 0
+    assert dispatch(["eval", "captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast", "--subset"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n_images"] == 1 and res["Bleu_1"] > 0.99
     with pytest.raises(VlmreproError, match="--subset"):
-        eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast"])
 
 
 def test_bad_arguments_and_files(files):
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["captions", "--gt", str(files/"coco.json")])
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["bleu"])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", "captions", "--gt", str(files/"coco.json")])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", "bleu"])
     with pytest.raises(VlmreproError, match="not valid JSON"):
         (files/"broken.json").write_text("[{")
-        eval_main(["captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])

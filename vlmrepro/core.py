@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #dacf67f1
 from __future__ import annotations
-import contextlib, hashlib, importlib.metadata, json, os, random, shutil, subprocess, sys, tempfile
+import contextlib, hashlib, json, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 # %% auto #0
@@ -170,6 +170,7 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
 
 def package_versions(names=CORE_PACKAGES) -> dict[str, str | None]:
     "Installed version of each package (None when it is not installed)."
+    import importlib.metadata                 # slow to import (email, zipfile, csv): only when versions are recorded
     out = {}
     for n in names:
         try: out[n] = importlib.metadata.version(n)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_data_synth.ipynb #b5db9327
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, tempfile, time
+import hashlib, json, os, shutil, tempfile, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..core import VlmreproError, atomic_write, write_json, read_json, ensure_writable_dir, cache_dir
-from .records import Sample, CliParser
+from .records import Sample
 from .shards import write_shards
 
 # %% auto #0
@@ -23,7 +23,7 @@ __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'WORDS', 'CLASSES', 'SYNONY
            'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'Obj', 'Scene', 'layout_scene', 'shape_polygon',
            'object_mask', 'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_captions', 'vizwiz_annotations',
            'noisy_answers', 'make_questions', 'make_scene', 'caption_sample', 'vqa_samples', 'synth_scenes',
-           'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest', 'synth_main']
+           'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest']
 
 # %% ../../nbs/12_data_synth.ipynb #161c39b4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -468,17 +468,3 @@ def world_digest(root: str | os.PathLike) -> str:
         if p.name == "world.json": w = json.loads(data); w.pop("seconds"); data = json.dumps(w, sort_keys=True).encode()
         h.update(p.relative_to(root).as_posix().encode()); h.update(data)
     return h.hexdigest()
-
-# %% ../../nbs/12_data_synth.ipynb #b2a5bb34
-def synth_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro synth --out DIR --n-train N --n-val N --n-test N --image-size PX --seed S [--shard-size K]`."
-    p = CliParser(prog="vlmrepro synth", description="Write the synthetic world in every upstream format.")
-    p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--n-train", type=int, default=1000); p.add_argument("--n-val", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=100); p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0); p.add_argument("--shard-size", type=int, default=1000)
-    a = p.parse_args(argv)
-    root = write_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.seed, a.shard_size)
-    w = read_json(root/"world.json")
-    print(f"wrote {sum(w['counts'].values())} images ({w['counts']}) in every format to {root} in {w['seconds']} s")
-    return 0

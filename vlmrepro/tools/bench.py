@@ -4,18 +4,17 @@
 
 # %% ../../nbs/91_bench.ipynb #f81b0aaf
 from __future__ import annotations
-import argparse, json, math, os, platform, shutil, tempfile, time
+import json, math, os, platform, shutil, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core import VlmreproError, atomic_write, git_commit, package_versions, seed_everything, write_json
-from ..data.records import CliParser
 
 # %% auto #0
 __all__ = ['BENCHES', 'plain_loop', 'fit_overhead', 'index_bench', 'caption_bench', 'data_bench', 'decoding_bench',
-           'bench_markdown', 'run_benches', 'bench_main']
+           'bench_markdown', 'run_benches']
 
 # %% ../../nbs/91_bench.ipynb #1c95e979
 def _mlp(width: int, depth: int, seed: int = 0) -> torch.nn.Module:
@@ -234,14 +233,3 @@ def run_benches(names=None, quick: bool = False, out_dir="results/benchmarks", l
         write_json(out/"bench.json", {"meta": meta, "results": results})
         with atomic_write(out/"README.md") as f: f.write(bench_markdown(results, meta))
     return results, meta
-
-def bench_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro bench [--only NAME ...] [--quick] [--out DIR]`; exit 1 when a benchmark failed."
-    p = CliParser(prog="vlmrepro bench", description="Run every benchmark side by side and write results/benchmarks/README.md.")
-    p.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these: {', '.join(BENCHES)}")
-    p.add_argument("--quick", action="store_true", help="small sizes: seconds per benchmark, for a smoke test")
-    p.add_argument("--out", default="results/benchmarks", help="where bench.json and README.md go")
-    a = p.parse_args(argv)
-    results, meta = run_benches(a.only, a.quick, a.out)
-    print(bench_markdown(results, meta))
-    return 1 if any("error" in r for r in results.values()) else 0
