@@ -222,6 +222,8 @@ def test_any_flipped_header_byte_drops_the_rest_of_the_shard_by_name(tmp_path, m
     for i in range(512):
         bad = bytearray(raw); bad[h + i] ^= mask
         keys, drops = _read_all(tmp_path, bad)
+        if i == 155:                                               # after the checksum's NUL: no reader looks at it
+            assert (keys, drops) == (["000000", "000001", "000002"], []); continue
         assert keys == ["000000"], (i, keys)                      # sample 1 may have lost members after the damage: dropped too
         assert [(d.reason, d.source) for d in drops] == [("corrupt shard", str(tmp_path/"00000.tar"))], (i, drops)
         assert f"at byte {h}" in drops[0].detail, (i, drops[0])

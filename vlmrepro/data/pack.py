@@ -10,18 +10,28 @@ from pathlib import Path
 from ..core import VlmreproError, read_json, write_json
 from .records import Sample, Dropped, DropLog
 from .readers import READERS, read
-from .shards import ShardDataset, write_shards
+from .shards import ShardDataset, check_output_dir, shard_paths, write_shards
 
 # %% auto #0
 __all__ = ['pack']
 
 # %% ../../nbs/14_data_pack.ipynb #7d7a1758
+def _check_not_source(root, out, fmt: str) -> None:
+    "Refuse an output directory that holds the input: clearing it would delete what is being read."
+    out = Path(out).resolve()
+    sources = shard_paths(root) if fmt == "webdataset" else [Path(root)]
+    if inside := [str(p) for p in sources if Path(p).resolve().is_relative_to(out)]:
+        raise VlmreproError(f"the source {inside[0]} is inside the output directory {out}, which --overwrite would clear; "
+                            f"choose another output directory")
+
 def pack(fmt: str, root, split: str, out, maxcount: int = 1000, max_bad_fraction: float = 0.01, task: str | None = None,
-         **reader_kw) -> dict:
+         overwrite: bool = False, **reader_kw) -> dict:
     "Read `split` of `root` in format `fmt` (a `READERS` name or 'webdataset') and write it as shards under `out`."
     if task is not None:
         if fmt != "prismer": raise VlmreproError(f"task {task!r} applies to the prismer format only, not {fmt!r}")
         reader_kw["task"] = task
+    check_output_dir(out, overwrite)                 # before reading: a used --out fails at once
+    if overwrite: _check_not_source(root, out, fmt)
     log = DropLog(f"packing {fmt} {split}", max_bad_fraction)
     if fmt == "webdataset":
         def samples():
@@ -33,7 +43,7 @@ def pack(fmt: str, root, split: str, out, maxcount: int = 1000, max_bad_fraction
     else:
         got = read(fmt, root, split, max_bad_fraction=max_bad_fraction, **reader_kw)
         source, reader_log, it = got.source, got.log, iter(got)
-    m = write_shards(it, out, maxcount=maxcount, log=log)
+    m = write_shards(it, out, maxcount=maxcount, log=log, overwrite=overwrite)
     m.update({"source_format": fmt, "source": source, "split": split,
               "reader": reader_log.as_dict() if reader_log else None})
     write_json(Path(out)/"manifest.json", m)

@@ -4,9 +4,10 @@
 
 # %% ../../nbs/24_metrics_cli.ipynb #3d899ce3
 from __future__ import annotations
-import os
+import json, os
+from pathlib import Path
 
-from ..core import VlmreproError, read_json, write_json
+from ..core import VlmreproError, ensure_writable_dir, read_json, write_json
 from .caption import evaluate_captions
 from .vqa import evaluate_vqa
 
@@ -14,16 +15,42 @@ from .vqa import evaluate_vqa
 __all__ = ['evaluate_caption_files', 'evaluate_vqa_files']
 
 # %% ../../nbs/24_metrics_cli.ipynb #13b57ace
+def _bad_text(data) -> tuple[str, str] | None:
+    "Where the first string of a JSON document that is not valid Unicode is (a JSON path) and the string, or None."
+    try: json.dumps(data, ensure_ascii=False).encode("utf-8"); return None      # the common case, at C speed
+    except UnicodeEncodeError: pass
+    stack = [("", data)]
+    while stack:
+        where, x = stack.pop()
+        if isinstance(x, str):
+            try: x.encode("utf-8")
+            except UnicodeEncodeError: return where or "the document", x
+        elif isinstance(x, dict): stack += [(f"{where}[{k!r}]", v) for k, v in reversed(x.items())] + [(f"{where} key", k) for k in x]
+        elif isinstance(x, list): stack += [(f"{where}[{i}]", v) for i, v in reversed(list(enumerate(x)))]
+    return None
+
 def _doc(path, what: str):
-    "A JSON file's content, which must be an object or a list (a bare string would be taken for a path downstream)."
+    "A JSON file's content: an object or a list (a bare string would be taken for a path downstream) of valid Unicode text."
     data = read_json(path)
     if not isinstance(data, (dict, list)):
         raise VlmreproError(f"{path}: the {what} file must hold a JSON object or list, got {type(data).__name__}")
+    if bad := _bad_text(data):
+        raise VlmreproError(f"{path}: {bad[0]} is not valid Unicode text ({bad[1]!r} holds a lone surrogate, from a '\\ud...' "
+                            f"escape); fix the text in the {what} file")
     return data
+
+def _check_output_file(path, what: str) -> Path:
+    "`path` if a file can be written there; checked before any scoring, so a bad path costs nothing."
+    path = Path(path)
+    if path.is_dir(): raise VlmreproError(f"{path}: is a directory; the {what} must be a file path, e.g. {path/'per_image.json'}")
+    try: ensure_writable_dir(path.parent, "directory", min_free=0)
+    except VlmreproError as e: raise VlmreproError(f"{path}: cannot write the {what} there ({e})") from None
+    return path
 
 def evaluate_caption_files(pred: str | os.PathLike, gt: str | os.PathLike, fast: bool = False, spice: bool = False,
                            subset: bool = False, per_image: str | os.PathLike | None = None) -> dict:
     "Caption metrics of the predictions file `pred` against the ground-truth file `gt`; per-image scores go to `per_image`."
+    if per_image is not None: _check_output_file(per_image, "per-image output file")
     res = evaluate_captions(_doc(gt, "ground truth"), _doc(pred, "predictions"), fast=fast, spice=spice, subset=subset,
                             per_image=per_image is not None)
     if per_image is not None: write_json(per_image, res.pop("per_image"))
