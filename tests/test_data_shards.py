@@ -10,7 +10,7 @@ from vlmrepro.core import VlmreproError, read_json, write_json
 from vlmrepro.data.collate import CaptionCollator, toy_tokenizer
 from vlmrepro.cli import dispatch, main
 from vlmrepro.data.readers import track
-from vlmrepro.data.records import Dropped, Sample
+from vlmrepro.data.records import Dropped, DropLog, Sample
 from vlmrepro.data.shards import ShardDataset, write_shards
 from vlmrepro.data.synth import synth_samples, write_world
 
@@ -180,18 +180,27 @@ def test_nxtp_sizes_its_schedule_from_plain_shards(tmp_path):
     assert n == 6 and train_config(Config(), n).max_steps >= 1
 
 
-def test_pack_drops_a_caption_that_is_not_unicode_and_leaves_no_temp_file(tmp_path):
+def test_pack_drops_a_caption_that_is_not_unicode_and_leaves_nothing_half_written(tmp_path):
     world = write_world(tmp_path/"world", n_train=4, n_val=0, n_test=0, image_size=32)
     ann = world/"annotations"/"captions_train.json"
     ann.write_text(ann.read_text().replace('"caption": "', '"caption": "\\ud800 ', 1))       # valid JSON, not valid text
     args = ["pack", "--format", "coco", "--root", str(world), "--split", "train"]
-    with pytest.raises(VlmreproError, match="not valid Unicode"):
+    with pytest.raises(VlmreproError, match="malformed row: captions_train.json annotations"):
         dispatch([*args, "--out", str(tmp_path/"strict")])
-    assert not [p.name for p in (tmp_path/"strict").iterdir() if p.suffix == ".tmp" or p.name.startswith(".")]
+    assert not (tmp_path/"strict").exists() or not list((tmp_path/"strict").iterdir())
     assert dispatch([*args, "--out", str(tmp_path/"p"), "--max-bad-fraction", "0.5"]) == 0
     m = read_json(tmp_path/"p"/"manifest.json")
+    assert m["count"] == 4 and m["reader"]["reasons"] == {"malformed row": 1}     # the image keeps its other 4 captions
+
+
+def test_write_shards_drops_text_that_is_not_unicode_and_cleans_up_when_it_stops(tmp_path):
+    samples = synth_samples(4, image_size=32)
+    samples[1].captions = ["a red \ud800 square"]                   # a Sample from any source, not only a reader
+    m = write_shards(samples, tmp_path/"lenient", maxcount=2, log=DropLog("lenient", max_bad_fraction=0.5))
     assert m["count"] == 3 and m["drop_reasons"] == {"malformed row": 1} and "\\ud800" in str(m["drop_examples"])
-    assert not [p.name for p in (tmp_path/"p").iterdir() if p.name.startswith(".")]
+    with pytest.raises(VlmreproError, match="not valid Unicode"):
+        write_shards(samples, tmp_path/"strict", maxcount=1)
+    assert list((tmp_path/"strict").iterdir()) == []                  # no .tar.tmp, no finished shard without a manifest
 
 
 ORDER = """import json, sys, torch
