@@ -420,6 +420,7 @@ def parse_pairs(spec, what: str = "backend") -> dict[str, str]:
     "`{expert: value}` from ['depth=paper', ...] or 'depth=paper,edge=classic' (short expert names allowed)."
     out = {}
     for it in (spec.split(",") if isinstance(spec, str) else spec or []):
+        if not it.strip(): continue
         k, sep, v = it.strip().partition("=")
         if not sep or not v: raise VlmreproError(f"a {what} is given as EXPERT=VALUE, got {it!r}")
         out[parse_experts([k])[0]] = v
