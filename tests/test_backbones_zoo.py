@@ -80,10 +80,11 @@ def test_tiny_lm_generates_world_text(built):
 
 
 def test_cli(built, capsys):
-    assert zoo.zoo_main(["list"]) == 0
+    from vlmrepro.cli import dispatch, main
+    assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
     assert "tiny-clip" in out and "built" in out
     with pytest.raises(VlmreproError, match="unknown zoo entry"):
-        zoo.zoo_main(["build", "tiny-nope"])
+        dispatch(["zoo", "build", "tiny-nope"])
     with pytest.raises(VlmreproError, match="unknown zoo entry"):
         zoo.ensure("tiny-nope")

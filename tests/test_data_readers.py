@@ -95,3 +95,46 @@ def test_errors_name_the_input():
     with pytest.raises(VlmreproError, match="data root .* not found"): read_coco_captions(FIX/"nope", "val")
     with pytest.raises(VlmreproError, match="no annotation file"): read_vizwiz(FIX/"vizwiz", "train")
     with pytest.raises(VlmreproError, match="no image directory"): read_coco_captions(FIX/"cc3m", "val", ann_file=COCO/"annotations/captions_val2014.json")
+
+
+# ---- text that is not valid Unicode: a bad row, dropped and named, never a crash further down ----
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from vlmrepro.data.synth import write_world
+    return write_world(tmp_path_factory.mktemp("uni")/"world", n_train=4, n_val=2, n_test=0, image_size=32)
+
+
+def _spoil(path, field):
+    "Put a lone surrogate (JSON's '\\ud800' escape: valid JSON, not valid text) in the first `field` value of a JSON file."
+    text = path.read_text(); key = f'"{field}": "'
+    assert key in text, (path, field)
+    path.write_text(text.replace(key, key + "\\ud800 ", 1))
+
+
+@pytest.mark.parametrize("fmt, file, field", [
+    ("coco", "annotations/captions_train.json", "caption"), ("vizwiz", "annotations/train.json", "caption"),
+    ("karpathy", "annotations/dataset_coco.json", "raw"), ("vqav2", "annotations/v2_OpenEnded_mscoco_train_questions.json", "question"),
+    ("vqav2", "annotations/v2_mscoco_train_annotations.json", "answer"), ("vqax", "annotations/vqaX_train.json", "explanation"),
+    ("prismer", "prismer/caption_train.json", "caption")])
+def test_lone_surrogates_are_malformed_rows(world, tmp_path, fmt, file, field):
+    import shutil
+    from vlmrepro.data.readers import read
+    root = tmp_path/"w"; shutil.copytree(world, root)
+    if field == "explanation":                                 # a list of strings in VQA-X
+        p = root/file; p.write_text(p.read_text().replace('"explanation": ["', '"explanation": ["\\ud800 ', 1))
+    else: _spoil(root/file, field)
+    r = read(fmt, root, "train", max_bad_fraction=0.9, verbose=False)
+    assert r.log.reasons["malformed row"] == 1, dict(r.log.reasons)
+    for s in r:
+        for t in [*s.captions, *s.answers, *s.explanations, s.question or ""]: t.encode("utf-8")   # what a tokenizer needs
+
+
+def test_cc3m_tsv_with_a_byte_that_is_not_utf8(world, tmp_path):
+    import shutil
+    root = tmp_path/"w"; shutil.copytree(world, root)
+    lines = (root/"cc3m_train.tsv").read_bytes().split(b"\n")
+    lines[2] = b"\xff" + lines[2]
+    (root/"cc3m_train.tsv").write_bytes(b"\n".join(lines))
+    r = read_cc3m_tsv(root, "train", max_bad_fraction=0.9, verbose=False)
+    assert len(r) == 3 and r.log.examples["malformed row"] == ["cc3m_train.tsv:3"]

@@ -10,7 +10,8 @@ from vlmrepro.core import VlmreproError, read_json
 from vlmrepro.data.readers import read
 from vlmrepro.data.records import Sample
 from vlmrepro.data.shards import ShardDataset
-from vlmrepro.data.synth import (COLORS, make_scene, synth_main, synth_samples, synthetic_world, world_digest, write_world)
+from vlmrepro.cli import dispatch
+from vlmrepro.data.synth import (COLORS, make_scene, synth_samples, synthetic_world, world_digest, write_world)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,10 @@ def test_cache_honours_env_and_is_reused(tmp_path, monkeypatch):
 
 
 def test_cli_function(tmp_path):
-    assert synth_main(["--out", str(tmp_path/"w"), "--n-train", "2", "--n-val", "1", "--n-test", "1", "--image-size", "32", "--seed", "3"]) == 0
+    assert dispatch(["synth", "--out", str(tmp_path/"w"), "--n-train", "2", "--n-val", "1", "--n-test", "1", "--image-size", "32", "--seed", "3"]) == 0
     assert read_json(tmp_path/"w"/"world.json")["seed"] == 3
     with pytest.raises(VlmreproError, match="image_size must be at least 32"):
-        synth_main(["--out", str(tmp_path/"x"), "--image-size", "8", "--n-train", "1"])
+        dispatch(["synth", "--out", str(tmp_path/"x"), "--image-size", "8", "--n-train", "1"])
 
 
 def test_questions_need_the_image():

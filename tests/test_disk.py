@@ -60,8 +60,8 @@ def world(tmp_path_factory):
 
 
 def _experts(out):
-    from vlmrepro.systems.prismer.experts import experts_main
-    experts_main(["--data", str(WORLD["root"]), "--label-root", str(out), "--experts", "edge", "--backend", "edge=classic"])
+    from vlmrepro.systems.prismer.experts import label_experts
+    label_experts(WORLD["root"], "edge", label_root=out, backends={"edge": "classic"})
 
 
 CASES = [pytest.param(_runner, id="runner"), pytest.param(_zoo, id="zoo"),

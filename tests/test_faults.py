@@ -177,8 +177,9 @@ def atomic_write(path, mode="w", **kw):
             n[0] += 1
             if n[0] == kill_after: f.flush(); Path(labels).with_name("marker").touch(); time.sleep(600)   # bytes written, not renamed
 ex.atomic_write = atomic_write
-sys.exit(ex.experts_main(["--data", data, "--label-root", labels, "--experts", "depth,normal,edge",
-                          "--backend", "normal=classic", "edge=classic"]))
+from vlmrepro.cli import main
+sys.exit(main(["experts", "--data", data, "--label-root", labels, "--experts", "depth,normal,edge",
+               "--backend", "normal=classic", "edge=classic"]))
 """
 
 

@@ -192,6 +192,78 @@ def test_tar_member_traversal_is_rejected(tmp_path, name):
     assert any(isinstance(s, Dropped) and "unsafe" in s.reason for s in got), got
 
 
+def _samples_tar(n=3) -> bytearray:
+    return bytearray(_tar([(f"{k:06d}.{e}", _jpeg() if e == "jpg" else f"cap {k}".encode()) for k in range(n) for e in ("jpg", "txt")]))
+
+
+def _offsets(raw) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf: return [m.offset for m in tf.getmembers()]
+
+
+def _reseal(raw, h):
+    "Recompute the checksum of the header at `h` (a tool that writes a bad field writes a valid checksum with it)."
+    raw[h + 148:h + 156] = b"        "
+    raw[h + 148:h + 156] = b"%06o\0 " % sum(raw[h:h + 512])
+
+
+def _read_all(tmp_path, raw):
+    from vlmrepro.data.records import Dropped, Sample
+    from vlmrepro.data.shards import ShardDataset
+    (tmp_path/"00000.tar").write_bytes(bytes(raw))
+    out = list(ShardDataset(tmp_path))
+    assert all(isinstance(s, (Sample, Dropped)) for s in out), out
+    return [s.meta["key"] for s in out if isinstance(s, Sample)], [s for s in out if isinstance(s, Dropped)]
+
+
+@pytest.mark.parametrize("mask", [0x01, 0xFF])
+def test_any_flipped_header_byte_drops_the_rest_of_the_shard_by_name(tmp_path, mask):
+    "One flipped byte anywhere in sample 2's first header (checksum field included): samples before it, then one named drop."
+    raw = _samples_tar(); h = _offsets(raw)[4]
+    for i in range(512):
+        bad = bytearray(raw); bad[h + i] ^= mask
+        keys, drops = _read_all(tmp_path, bad)
+        if i == 155:                                               # after the checksum's NUL: no reader looks at it
+            assert (keys, drops) == (["000000", "000001", "000002"], []); continue
+        assert keys == ["000000"], (i, keys)                      # sample 1 may have lost members after the damage: dropped too
+        assert [(d.reason, d.source) for d in drops] == [("corrupt shard", str(tmp_path/"00000.tar"))], (i, drops)
+        assert f"at byte {h}" in drops[0].detail, (i, drops[0])
+
+
+@pytest.mark.parametrize("size", [b"\x80" + (2**88 - 1).to_bytes(11, "big"), b"\xff" * 12, b"0000000001x\0", b"77777777777\0"])
+def test_impossible_member_sizes_are_named_not_allocated(tmp_path, size):
+    "A size field past the end of the file (2^88 bytes, negative, not octal): a named drop at once, no MemoryError, no hang."
+    import signal, time
+    raw = _samples_tar(); h = _offsets(raw)[4]
+    raw[h + 124:h + 136] = size; _reseal(raw, h)
+    signal.alarm(30)
+    try: t0 = time.perf_counter(); keys, drops = _read_all(tmp_path, raw)
+    finally: signal.alarm(0)
+    assert time.perf_counter() - t0 < 10 and keys == ["000000"]
+    assert len(drops) == 1 and drops[0].reason in ("corrupt shard", "truncated shard") and "000002.jpg" in drops[0].detail, drops
+
+
+@pytest.mark.parametrize("where", ["name", "prefix", "pax", "gnu"])
+def test_member_names_that_are_not_utf8_are_named_and_skipped(tmp_path, where):
+    "A non-UTF-8 member name (ustar name or prefix, pax path, GNU long name): that member is skipped and named, the rest read."
+    members = [("000000.jpg", _jpeg()), ("000000.txt", b"cap 0"), ("000001.jpg", _jpeg()), ("000002.jpg", _jpeg())]
+    fmt = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(where, tarfile.USTAR_FORMAT)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for name, data in members:
+            if name == "000001.jpg" and where in ("pax", "gnu"): name = "\udcff" * 101 + ".jpg"   # long: a pax / GNU record
+            ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    if where in ("name", "prefix"):
+        h = _offsets(raw)[2]
+        if where == "name": raw[h] = 0xFF
+        else: raw[h + 345:h + 348] = b"\xffab"
+        _reseal(raw, h)
+    keys, drops = _read_all(tmp_path, raw)
+    assert "000000" in keys and "000002" in keys and "000001" not in keys, keys
+    assert [d.reason for d in drops] == ["unreadable member name"] and str(tmp_path/"00000.tar") in drops[0].source, drops
+    assert "\\xff" in drops[0].detail, drops[0]
+
+
 # ---- metrics CLI input files ----
 
 @FUZZ
@@ -199,9 +271,9 @@ def test_tar_member_traversal_is_rejected(tmp_path, name):
        gt=JSON | st.fixed_dictionaries({"annotations": st.lists(st.fixed_dictionaries(
            {"image_id": either(1), "caption": either("a red tile")}), max_size=2)}))
 def test_eval_captions_cli_inputs(tmp_path, pred, gt):
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     (tmp_path/"p.json").write_text(json.dumps(pred)); (tmp_path/"g.json").write_text(json.dumps(gt))
-    try: assert eval_main(["captions", "--pred", str(tmp_path/"p.json"), "--gt", str(tmp_path/"g.json"), "--fast"]) == 0
+    try: assert dispatch(["eval", "captions", "--pred", str(tmp_path/"p.json"), "--gt", str(tmp_path/"g.json"), "--fast"]) == 0
     except VlmreproError as e: assert str(e)
 
 
@@ -214,9 +286,9 @@ def test_eval_captions_cli_inputs(tmp_path, pred, gt):
        qs=JSON | st.fixed_dictionaries({"questions": st.lists(st.fixed_dictionaries(
            {"question_id": either(10), "question": either("what color?"), "image_id": either(1)}), max_size=2)}))
 def test_eval_vqa_cli_inputs(tmp_path, pred, anns, qs):
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     for n, d in (("p", pred), ("a", anns), ("q", qs)): (tmp_path/f"{n}.json").write_text(json.dumps(d))
-    try: assert eval_main(["vqa", "--pred", str(tmp_path/"p.json"), "--annotations", str(tmp_path/"a.json"),
+    try: assert dispatch(["eval", "vqa", "--pred", str(tmp_path/"p.json"), "--annotations", str(tmp_path/"a.json"),
                            "--questions", str(tmp_path/"q.json")]) == 0
     except VlmreproError as e: assert str(e)
 
@@ -224,19 +296,19 @@ def test_eval_vqa_cli_inputs(tmp_path, pred, anns, qs):
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe\x00garbage", b"[" * 100_000, b"1e999999", b"\x00" * 10])
 def test_json_files_that_are_not_json(tmp_path, content):
     "Zero-size, truncated, not UTF-8, nested past the recursion limit: each a VlmreproError naming the file."
-    from vlmrepro.metrics.cli import eval_main
+    from vlmrepro.cli import dispatch
     p = tmp_path/"bad.json"; p.write_bytes(content)
     try: read_json(p)
     except VlmreproError as e: assert "bad.json" in str(e)
     with pytest.raises(VlmreproError, match="bad.json|predictions|references"):
-        eval_main(["captions", "--pred", str(p), "--gt", str(p), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(p), "--gt", str(p), "--fast"])
 
 
 @pytest.mark.parametrize("argv", [[], ["captions"], ["captions", "--pred"], ["nope"], ["vqa", "--pred", "x"]])
 def test_eval_cli_usage_errors_are_vlmrepro_errors(argv):
     "argparse's SystemExit would end a caller's process; the tools raise VlmreproError like every other input error."
-    from vlmrepro.metrics.cli import eval_main
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(argv)
+    from vlmrepro.cli import dispatch
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", *argv])
 
 
 # ---- retrieval index ----
@@ -332,12 +404,12 @@ def test_sweep_file_malformed(tmp_path, text):
 
 
 def test_pack_cli_usage_and_bad_input(tmp_path, root):
-    from vlmrepro.data.pack import pack_main
+    from vlmrepro.cli import dispatch
     for argv in ([], ["--format", "nope", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o")],
                  ["--format", "coco", "--root", str(tmp_path/"missing"), "--split", "train", "--out", str(tmp_path/"o")],
                  ["--format", "coco", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o"), "--maxcount", "0"],
                  ["--format", "coco", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o"), "--maxcount", "x"]):
-        with pytest.raises(VlmreproError): pack_main(argv)
+        with pytest.raises(VlmreproError): dispatch(["pack", *argv])
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage!", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])

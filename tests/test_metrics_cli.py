@@ -4,9 +4,9 @@ import json, shutil, subprocess, sys
 import pytest
 
 from vlmrepro.core import VlmreproError, write_json
-from vlmrepro.metrics.cli import eval_main
+from vlmrepro.cli import dispatch, main
 
-RUN = [sys.executable, "-c", "import sys; from vlmrepro.metrics.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))"]
+RUN = [sys.executable, "-m", "vlmrepro.cli", "eval"]
 
 
 @pytest.fixture
@@ -33,16 +33,39 @@ def test_official_captions_cli(files):
 
 
 def test_vizwiz_subset_cli(files, capsys):
-    assert eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast", "--subset"]) == 0
+    assert dispatch(["eval", "captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast", "--subset"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n_images"] == 1 and res["Bleu_1"] > 0.99
     with pytest.raises(VlmreproError, match="--subset"):
-        eval_main(["captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(files/"vw_pred.json"), "--gt", str(files/"vizwiz.json"), "--fast"])
 
 
 def test_bad_arguments_and_files(files):
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["captions", "--gt", str(files/"coco.json")])
-    with pytest.raises(VlmreproError, match="vlmrepro eval"): eval_main(["bleu"])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", "captions", "--gt", str(files/"coco.json")])
+    with pytest.raises(VlmreproError, match="vlmrepro eval"): dispatch(["eval", "bleu"])
     with pytest.raises(VlmreproError, match="not valid JSON"):
         (files/"broken.json").write_text("[{")
-        eval_main(["captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])
+        dispatch(["eval", "captions", "--pred", str(files/"broken.json"), "--gt", str(files/"coco.json"), "--fast"])
+
+
+@pytest.mark.parametrize("which", ["pred", "gt"])
+def test_text_that_is_not_unicode_is_named(files, capsys, which):
+    "A lone surrogate ('\\ud800' in the JSON) is valid JSON but not text: one line naming the file and the entry, exit 2."
+    bad = files/f"{which}_bad.json"
+    src = files/("pred.json" if which == "pred" else "coco.json")
+    bad.write_text(src.read_text().replace("a cat on a sofa" if which == "pred" else "A sleeping cat.", "a cat \\ud800 sofa"))
+    args = {"pred": str(files/"pred.json"), "gt": str(files/"coco.json"), which: str(bad)}
+    for fast in (["--fast"], []):
+        assert main(["eval", "captions", "--pred", args["pred"], "--gt", args["gt"], *fast]) == 2
+        err = capsys.readouterr().err
+        assert bad.name in err and "caption" in err and "\\ud800" in err and err.count("\n") == 1, err
+
+
+def test_per_image_output_is_checked_before_scoring(files, monkeypatch):
+    import vlmrepro.metrics.cli as mcli
+    monkeypatch.setattr(mcli, "evaluate_captions", lambda *a, **k: pytest.fail("scored before checking --per-image"))
+    (files/"blocker").write_text("a file where a directory should be")
+    for target in (files, files/"blocker"/"per.json"):
+        with pytest.raises(VlmreproError, match=f"{target}.*per-image"):
+            dispatch(["eval", "captions", "--pred", str(files/"pred.json"), "--gt", str(files/"coco.json"), "--fast",
+                      "--per-image", str(target)])

@@ -4,16 +4,13 @@
 
 # %% ../nbs/00_core.ipynb #dacf67f1
 from __future__ import annotations
-import contextlib, hashlib, importlib.metadata, json, os, random, shutil, subprocess, tempfile
+import contextlib, hashlib, json, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
-
-import numpy as np
-import torch
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'CORE_PACKAGES', 'VlmreproError', 'check_names', 'seed_everything', 'pick_device', 'pick_precision',
-           'atomic_write', 'write_json', 'read_json', 'sha256_file', 'min_free_mb', 'ensure_writable_dir', 'cache_dir',
-           'git_commit', 'package_versions']
+           'world_size', 'rank', 'is_main', 'atomic_write', 'write_json', 'read_json', 'sha256_file', 'min_free_mb',
+           'ensure_writable_dir', 'cache_dir', 'git_commit', 'package_versions']
 
 # %% ../nbs/00_core.ipynb #ff60d362
 class VlmreproError(Exception):
@@ -35,6 +32,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
     "Seed `random`, NumPy and torch (all devices) with `seed`; optionally ask torch for deterministic kernels."
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise VlmreproError(f"seed must be a non-negative integer, got {seed!r}")
+    import numpy as np, torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -47,6 +45,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 def pick_device(device: str | None = None) -> torch.device:
     "The requested device, or the best available one (cuda > mps > cpu)."
+    import torch
     if device not in (None, "auto"):
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -58,6 +57,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def pick_precision(device: torch.device | str, precision: str = "auto") -> str:
     "Mixed-precision mode for `device`: 'no', 'fp16' or 'bf16' (accelerate's names)."
+    import torch
     dev = torch.device(device)
     if precision == "auto":
         if dev.type != "cuda": return "no"
@@ -67,6 +67,26 @@ def pick_precision(device: torch.device | str, precision: str = "auto") -> str:
     if precision == "fp16" and dev.type != "cuda":
         raise VlmreproError(f"precision 'fp16' needs a CUDA device, got {dev}; use 'bf16' or 'no' on {dev.type}")
     return precision
+
+# %% ../nbs/00_core.ipynb #2385398a
+def _process_group():
+    "`torch.distributed` when a process group is initialised, else None (never imports torch)."
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+def world_size() -> int:
+    "Processes in the run (1 without a launcher)."
+    dist = _process_group()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
+
+def rank() -> int:
+    "This process's global rank (0 without a launcher)."
+    dist = _process_group()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", 0))
+
+def is_main() -> bool:
+    "True on the process that writes results (global rank 0)."
+    return rank() == 0
 
 # %% ../nbs/00_core.ipynb #eb9e9db1
 @contextlib.contextmanager
@@ -150,6 +170,7 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
 
 def package_versions(names=CORE_PACKAGES) -> dict[str, str | None]:
     "Installed version of each package (None when it is not installed)."
+    import importlib.metadata                 # slow to import (email, zipfile, csv): only when versions are recorded
     out = {}
     for n in names:
         try: out[n] = importlib.metadata.version(n)

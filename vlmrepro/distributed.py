@@ -11,30 +11,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .core import VlmreproError, read_json, write_json
+from .core import VlmreproError, is_main, rank, read_json, world_size, write_json
 from .checkpoint import flatten_state, seal_checkpoint, unflatten_state, verify_checkpoint
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'LAUNCHERS', 'GB', 'world_size', 'rank', 'is_main', 'barrier', 'shard', 'gather_cat',
-           'gather_with_local_grad', 'reduce_mean', 'strategy_from_env', 'layer_classes', 'deepspeed_config',
-           'make_accelerator', 'engine', 'prepare_strategy', 'full_params', 'save_shards', 'load_shards',
-           'save_sharded_checkpoint', 'load_sharded_checkpoint', 'consolidate', 'resolve_strategy', 'launch_command',
-           'slurm_script', 'write_slurm_script', 'layer_activations', 'training_memory']
+__all__ = ['STRATEGIES', 'LAUNCHERS', 'GB', 'barrier', 'shard', 'gather_cat', 'gather_with_local_grad', 'reduce_mean',
+           'strategy_from_env', 'layer_classes', 'deepspeed_config', 'make_accelerator', 'engine', 'prepare_strategy',
+           'full_params', 'save_shards', 'load_shards', 'save_sharded_checkpoint', 'load_sharded_checkpoint',
+           'consolidate', 'resolve_strategy', 'launch_command', 'slurm_script', 'write_slurm_script',
+           'layer_activations', 'training_memory']
 
 # %% ../nbs/02_distributed.ipynb #4ae874cc
 def _initialized() -> bool: return dist.is_available() and dist.is_initialized()
-
-def world_size() -> int:
-    "Processes in the run (1 without a launcher)."
-    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-def rank() -> int:
-    "This process's global rank (0 without a launcher)."
-    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", 0))
-
-def is_main() -> bool:
-    "True on the process that writes results (global rank 0)."
-    return rank() == 0
 
 def barrier():
     "Wait for every process; nothing to wait for in one process."

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from .distributed import is_main, rank, world_size
 from .registry import (find_systems, notebook_parameters, notebook_presets, parameter_choices, repo_root,
                                resolve_notebook, resolve_params)
 from .core import (VlmreproError, atomic_write, check_names, ensure_writable_dir, git_commit, package_versions,
-                           read_json, seed_everything, write_json)
+                           is_main, rank, read_json, seed_everything, world_size, write_json)
 
 # %% auto #0
 __all__ = ['METRIC_NAME', 'RUN_ID', 'SWEEP_KEYS', 'results_root', 'start_run', 'save_metrics', 'save_figure', 'RunFailed',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_zoo.ipynb #bf6d857a
 from __future__ import annotations
-import argparse, contextlib, importlib, os, shutil, sys, tempfile, time
+import contextlib, importlib, os, shutil, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,7 +13,7 @@ from .core import cache_dir, VlmreproError, ensure_writable_dir, package_version
 
 # %% auto #0
 __all__ = ['ZOO_ENV', 'ZOO', 'RECIPE_MODULES', 'zoo_root', 'Recipe', 'recipes', 'register', 'recipe_params', 'entry_info',
-           'is_current', 'build', 'ensure', 'verify', 'zoo_list', 'zoo_main']
+           'is_current', 'build', 'ensure', 'verify', 'zoo_list', 'zoo_report', 'zoo_build']
 
 # %% ../nbs/30_zoo.ipynb #7a7000a0
 ZOO_ENV = "VLMREPRO_ZOO"
@@ -140,24 +140,19 @@ def zoo_list(root: str | os.PathLike | None = None) -> list[dict]:
                      "metrics": (info or {}).get("metrics", {}), "description": r.description})
     return rows
 
-def zoo_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro zoo list` | `vlmrepro zoo build [--force] [--root DIR] [NAME...]`."
-    ap = argparse.ArgumentParser(prog="vlmrepro zoo", description="The pretrained tiny backbone zoo.")
-    ap.add_argument("--root", help=f"zoo directory (default: ${ZOO_ENV} or ~/.cache/vlmrepro/zoo)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="show entries, whether they are built, and their metrics")
-    b = sub.add_parser("build", help="build entries (default: every default entry)")
-    b.add_argument("names", nargs="*"); b.add_argument("--force", action="store_true", help="rebuild even if current")
-    args = ap.parse_args(argv)
-    if args.cmd == "list":
-        print(f"zoo: {zoo_root(args.root)}")
-        for r in zoo_list(args.root):
-            print(f"{r['name']:<14} {r['kind']:<10} {r['state']:<8} {_fmt_metrics(r['metrics']) or '-'}")
-        return 0
-    names = args.names or [n for n, r in recipes().items() if r.default]
+def zoo_report(root: str | os.PathLike | None = None) -> str:
+    "The zoo as text: its directory, then one line per entry with its kind, state and metrics."
+    lines = [f"zoo: {zoo_root(root)}"]
+    lines += [f"{r['name']:<14} {r['kind']:<10} {r['state']:<8} {_fmt_metrics(r['metrics']) or '-'}" for r in zoo_list(root)]
+    return "\n".join(lines)
+
+def zoo_build(names: list[str] | None = None, root: str | os.PathLike | None = None, force: bool = False, log=print) -> list[Path]:
+    "Build `names` (default: every default entry) unless current, logging each one's time and metrics; their directories."
+    names = names or [n for n, r in recipes().items() if r.default]
     if bad := [n for n in names if n not in recipes()]:
         raise VlmreproError(f"unknown zoo entr{'y' if len(bad) == 1 else 'ies'} {bad}; valid: {', '.join(recipes())}")
+    out = []
     for n in names:
-        t0 = time.time(); d = build(n, args.root, force=args.force)
-        print(f"{n:<14} {time.time() - t0:7.1f}s  {_fmt_metrics(entry_info(n, args.root)['metrics'])}  {d}")
-    return 0
+        t0 = time.time(); out.append(build(n, root, force=force))
+        log(f"{n:<14} {time.time() - t0:7.1f}s  {_fmt_metrics(entry_info(n, root)['metrics'])}  {out[-1]}")
+    return out

@@ -22,7 +22,7 @@ from .core import VlmreproError
 from .data.synth import synth_scenes
 from .metrics.caption import evaluate_captions
 from .train import TrainConfig, fit
-from .zoo import build, entry_info, register, verify, zoo_list, zoo_main
+from .zoo import build, entry_info, register, verify, zoo_build, zoo_list, zoo_report
 
 # %% auto #0
 __all__ = ['WORLD', 'LM', 'SMOLLM2_GGUF', 'world', 'scene_texts', 'world_tokenizer', 'pixels', 'lm_batch', 'pretrain',

@@ -4,20 +4,34 @@
 
 # %% ../../nbs/14_data_pack.ipynb #abc32afe
 from __future__ import annotations
-import argparse, os
+import os
 from pathlib import Path
 
 from ..core import VlmreproError, read_json, write_json
-from .records import Sample, Dropped, DropLog, CliParser
+from .records import Sample, Dropped, DropLog
 from .readers import READERS, read
-from .shards import ShardDataset, write_shards
+from .shards import ShardDataset, check_output_dir, shard_paths, write_shards
 
 # %% auto #0
-__all__ = ['pack', 'pack_main']
+__all__ = ['pack']
 
 # %% ../../nbs/14_data_pack.ipynb #7d7a1758
-def pack(fmt: str, root, split: str, out, maxcount: int = 1000, max_bad_fraction: float = 0.01, **reader_kw) -> dict:
+def _check_not_source(root, out, fmt: str) -> None:
+    "Refuse an output directory that holds the input: clearing it would delete what is being read."
+    out = Path(out).resolve()
+    sources = shard_paths(root) if fmt == "webdataset" else [Path(root)]
+    if inside := [str(p) for p in sources if Path(p).resolve().is_relative_to(out)]:
+        raise VlmreproError(f"the source {inside[0]} is inside the output directory {out}, which --overwrite would clear; "
+                            f"choose another output directory")
+
+def pack(fmt: str, root, split: str, out, maxcount: int = 1000, max_bad_fraction: float = 0.01, task: str | None = None,
+         overwrite: bool = False, **reader_kw) -> dict:
     "Read `split` of `root` in format `fmt` (a `READERS` name or 'webdataset') and write it as shards under `out`."
+    if task is not None:
+        if fmt != "prismer": raise VlmreproError(f"task {task!r} applies to the prismer format only, not {fmt!r}")
+        reader_kw["task"] = task
+    check_output_dir(out, overwrite)                 # before reading: a used --out fails at once
+    if overwrite: _check_not_source(root, out, fmt)
     log = DropLog(f"packing {fmt} {split}", max_bad_fraction)
     if fmt == "webdataset":
         def samples():
@@ -29,25 +43,8 @@ def pack(fmt: str, root, split: str, out, maxcount: int = 1000, max_bad_fraction
     else:
         got = read(fmt, root, split, max_bad_fraction=max_bad_fraction, **reader_kw)
         source, reader_log, it = got.source, got.log, iter(got)
-    m = write_shards(it, out, maxcount=maxcount, log=log)
+    m = write_shards(it, out, maxcount=maxcount, log=log, overwrite=overwrite)
     m.update({"source_format": fmt, "source": source, "split": split,
               "reader": reader_log.as_dict() if reader_log else None})
     write_json(Path(out)/"manifest.json", m)
     return m
-
-# %% ../../nbs/14_data_pack.ipynb #ffe8db8f
-def pack_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro pack --format F --root DIR --split S --out DIR [--maxcount N] [--max-bad-fraction X]`."
-    p = CliParser(prog="vlmrepro pack", description="Pack a dataset split into WebDataset tar shards.")
-    p.add_argument("--format", required=True, choices=sorted(READERS) + ["webdataset"])
-    p.add_argument("--root", required=True, help="dataset root (for webdataset: a shard directory, glob or brace range)")
-    p.add_argument("--split", required=True); p.add_argument("--out", required=True)
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01)
-    p.add_argument("--task", default=None, help="Prismer only: caption or vqa")
-    a = p.parse_args(argv)
-    kw = {"task": a.task} if a.task else {}
-    if a.task and a.format != "prismer": raise VlmreproError(f"--task applies to --format prismer only, not {a.format!r}")
-    m = pack(a.format, a.root, a.split, a.out, a.maxcount, a.max_bad_fraction, **kw)
-    print(f"packed {m['count']} samples into {len(m['shards'])} shards under {a.out} (dropped {m['dropped']})")
-    return 0

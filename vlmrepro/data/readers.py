@@ -97,6 +97,12 @@ def _list_field(data: dict, key: str, path: Path) -> list:
 
 def _is_id(x) -> bool: return isinstance(x, (int, str)) and not isinstance(x, bool)
 
+def _is_text(x) -> bool:
+    "A string that is valid Unicode text: JSON's '\\ud800' escape gives strings with lone surrogates, which no tokenizer encodes."
+    if not isinstance(x, str): return False
+    try: x.encode("utf-8"); return True
+    except UnicodeEncodeError: return False
+
 def _root(root) -> Path:
     root = Path(root)
     if not root.is_dir(): raise VlmreproError(f"data root {root} not found; pass the directory that holds the dataset")
@@ -116,7 +122,7 @@ def read_coco_captions(root, split: str, image_dir=None, ann_file=None, max_bad_
             log.drop("malformed row", f"{path.name} images[{i}]"); continue
         images[im["id"]] = im
     for i, a in enumerate(_list_field(data, "annotations", path)):
-        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
+        if not isinstance(a, dict) or not _is_text(a.get("caption")) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
             log.drop("malformed row", f"{path.name} annotations[{i}]"); continue
         caps.setdefault(a["image_id"], []).append(a["caption"].strip())
     out, filtered = [], Counter()
@@ -139,7 +145,7 @@ def read_karpathy(root, split: str, ann_file=None, max_bad_fraction: float = 0.0
         try:
             fp, fn, sents = im.get("filepath", ""), im["filename"], [s["raw"] for s in im["sentences"]]
             if im.get("split") is not None and not isinstance(im["split"], str): raise TypeError
-            if not (isinstance(fp, str) and isinstance(fn, str) and all(isinstance(s, str) for s in sents)): raise TypeError
+            if not (isinstance(fp, str) and isinstance(fn, str) and all(_is_text(s) for s in sents)): raise TypeError
         except (KeyError, TypeError, AttributeError): log.drop("malformed row", f"{path.name} images[{i}]"); continue
         p = _inside(root, os.path.join(str(fp), str(fn)), log, f"{path.name} images[{i}]")
         if _check_image(p, log):
@@ -163,7 +169,7 @@ def read_vizwiz(root, split: str, image_dir=None, ann_file=None, max_bad_fractio
     if not has_anns and not split.startswith("test"):
         raise VlmreproError(f"{path}: VizWiz {split} has no 'annotations'; only the test split comes with images only")
     for i, a in enumerate(_list_field(data, "annotations", path)):
-        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
+        if not isinstance(a, dict) or not _is_text(a.get("caption")) or not _is_id(a.get("image_id")) or a["image_id"] not in images:
             log.drop("malformed row", f"{path.name} annotations[{i}]"); continue
         if a.get("is_rejected"): filtered["rejected caption"] += 1; continue
         if a.get("is_precanned"): filtered["precanned caption"] += 1; continue
@@ -199,12 +205,12 @@ def read_vqav2(root, split: str, image_dir=None, questions_file=None, annotation
         for i, a in enumerate(_list_field(_doc(Path(apath)), "annotations", Path(apath))):
             try:
                 answers = [x["answer"] for x in a["answers"]]
-                if not (_is_id(a["question_id"]) and all(isinstance(x, str) for x in answers)): raise TypeError
+                if not (_is_id(a["question_id"]) and all(_is_text(x) for x in answers)): raise TypeError
                 anns[a["question_id"]] = (a, answers)
             except (KeyError, TypeError): log.drop("malformed row", f"{Path(apath).name} annotations[{i}]")
     out = []
     for i, q in enumerate(_list_field(qdata, "questions", qpath)):
-        if (not isinstance(q, dict) or not isinstance(q.get("question"), str) or not _is_id(q.get("question_id"))
+        if (not isinstance(q, dict) or not _is_text(q.get("question")) or not _is_id(q.get("question_id"))
                 or not (_is_id(q.get("image_id")) and str(q["image_id"]).isdigit())):
             log.drop("malformed row", f"{qpath.name} questions[{i}]"); continue
         a, answers = anns.get(q["question_id"], (None, []))
@@ -230,7 +236,7 @@ def read_vqax(root, split: str, image_dir=None, ann_file=None, max_bad_fraction:
     for qid, it in data.items():
         try:
             q, answers, expl, img = it["question"], [a["answer"] for a in it["answers"]], list(it["explanation"]), it["image_name"]
-            if not (isinstance(q, str) and answers and expl and all(isinstance(e, str) for e in expl + answers) and isinstance(img, str)): raise ValueError
+            if not (_is_text(q) and answers and expl and all(_is_text(e) for e in expl + answers) and isinstance(img, str)): raise ValueError
         except (KeyError, TypeError, ValueError): log.drop("malformed row", f"{path.name} [{qid}]"); continue
         p = _inside(imdir, img, log, f"{path.name} [{qid}]")
         if not _check_image(p, log): continue
@@ -247,7 +253,7 @@ def read_cc3m_tsv(root, split: str, image_dir=None, tsv_file=None, caption_col: 
     path = _ann_file(root, [f"cc3m_{split}.tsv", f"{split}.tsv"], f"CC3M TSV {split}", tsv_file)
     imdir = Path(image_dir) if image_dir is not None else path.parent
     log, out = DropLog(f"CC3M {path.name}", max_bad_fraction), []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:   # a bad byte spoils its row, not the file
         header = f.readline().rstrip("\r\n").split("\t")
         if caption_col not in header or image_col not in header:
             raise VlmreproError(f"{path}: header {header} lacks the columns {caption_col!r} and {image_col!r}; "
@@ -256,7 +262,7 @@ def read_cc3m_tsv(root, split: str, image_dir=None, tsv_file=None, caption_col: 
         for ln, line in enumerate(f, start=2):
             row = line.rstrip("\r\n").split("\t")
             if not line.strip(): continue
-            if len(row) != len(header) or not row[ci].strip() or not row[ii].strip():
+            if len(row) != len(header) or not row[ci].strip() or not row[ii].strip() or not _is_text(row[ci]):
                 log.drop("malformed row", f"{path.name}:{ln}"); continue
             p = _inside(imdir, row[ii], log, f"{path.name}:{ln}")
             if not _check_image(p, log): continue
@@ -299,7 +305,7 @@ def read_prismer(root, split: str, task: str = "caption", experts=(), dataset: s
     log, filtered, out = DropLog(f"Prismer {path.name}", max_bad_fraction), Counter(), []
     for i, r in enumerate(rows):
         if (not isinstance(r, dict) or not isinstance(r.get("image"), str) or any(k not in r for k in need)
-                or any(not isinstance(r[k], str) for k in ("caption", "question", "answer") if k in r)):
+                or any(not _is_text(r[k]) for k in ("caption", "question", "answer") if k in r)):
             log.drop("malformed row", f"{path.name}[{i}]"); continue
         p = _inside(root, r["image"], log, f"{path.name}[{i}]")
         if not _check_image(p, log): continue

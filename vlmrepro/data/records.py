@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10_data_records.ipynb #70529801
 from __future__ import annotations
-import argparse, dataclasses, io, os, sys
+import dataclasses, io, os, sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..core import VlmreproError
 
 # %% auto #0
-__all__ = ['BadInputError', 'load_image', 'Sample', 'Dropped', 'DropLog', 'guard', 'drop_bad', 'CliParser']
+__all__ = ['BadInputError', 'load_image', 'Sample', 'Dropped', 'DropLog', 'guard', 'drop_bad']
 
 # %% ../../nbs/10_data_records.ipynb #c234c42a
 class BadInputError(VlmreproError):
@@ -158,8 +158,3 @@ def drop_bad(items, log: DropLog | None = None) -> tuple[list, list[Dropped]]:
         log.ok(len(good))
         for b in bad: log.add(b)
     return good, bad
-
-# %% ../../nbs/10_data_records.ipynb #aa59312b
-class CliParser(argparse.ArgumentParser):
-    "An `ArgumentParser` whose usage errors raise `VlmreproError` instead of exiting."
-    def error(self, message): raise VlmreproError(f"{self.prog}: {message}; see '{self.prog} --help'")

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_data_synth.ipynb #b5db9327
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, tempfile, time
+import hashlib, json, os, shutil, tempfile, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +15,15 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..core import VlmreproError, atomic_write, write_json, read_json, ensure_writable_dir, cache_dir
-from .records import Sample, CliParser
-from .shards import write_shards
+from .records import Sample
+from .shards import clear_output_dir, write_shards
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'WORDS', 'CLASSES', 'SYNONYMS', 'NUMBER_WORDS', 'PRECANNED', 'SPLIT_BASE',
-           'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'Obj', 'Scene', 'layout_scene', 'shape_polygon',
-           'object_mask', 'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_captions', 'vizwiz_annotations',
-           'noisy_answers', 'make_questions', 'make_scene', 'caption_sample', 'vqa_samples', 'synth_scenes',
-           'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest', 'synth_main']
+           'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'WORLD_FILES', 'Obj', 'Scene', 'layout_scene',
+           'shape_polygon', 'object_mask', 'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_captions',
+           'vizwiz_annotations', 'noisy_answers', 'make_questions', 'make_scene', 'caption_sample', 'vqa_samples',
+           'synth_scenes', 'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest']
 
 # %% ../../nbs/12_data_synth.ipynb #161c39b4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -400,11 +400,11 @@ def write_split(root: Path, split: str, n: int, seed: int, image_size: int, shar
 
 # %% ../../nbs/12_data_synth.ipynb #f2490a47
 def write_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n_test: int = 100, image_size: int = 128,
-                seed: int = 0, shard_size: int = 1000) -> Path:
-    "Render the world and write train/val/test in every upstream format under `out`; returns `out`."
+                seed: int = 0, shard_size: int = 1000, overwrite: bool = False) -> Path:
+    "Render the world and write train/val/test in every upstream format under `out` (a used `out` needs `overwrite`)."
     for k, v in {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}.items():
         if not isinstance(v, int) or v < 0: raise VlmreproError(f"{k} must be a non-negative integer, got {v!r}")
-    root = ensure_writable_dir(out, "synthetic world directory"); t0 = time.time()
+    root = clear_output_dir(out, overwrite, WORLD_FILES, "synthetic world directory"); t0 = time.time()
     counts = {"train": n_train, "val": n_val, "test": n_test}
     by_split = {sp: write_split(root, sp, n, seed, image_size) for sp, n in counts.items()}
     ann = root/"annotations"
@@ -433,6 +433,7 @@ def write_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n
     return root
 
 WORLD_VERSION = 4
+WORLD_FILES = ("images", "labels", "annotations", "shards", "prismer", "cc3m_*.tsv", "world.json", ".*.tmp")   # what write_world writes
 
 # %% ../../nbs/12_data_synth.ipynb #3c525fb6
 def synthetic_world(root: str | os.PathLike | None = None, n_train: int = 200, n_val: int = 50, n_test: int = 50,
@@ -468,17 +469,3 @@ def world_digest(root: str | os.PathLike) -> str:
         if p.name == "world.json": w = json.loads(data); w.pop("seconds"); data = json.dumps(w, sort_keys=True).encode()
         h.update(p.relative_to(root).as_posix().encode()); h.update(data)
     return h.hexdigest()
-
-# %% ../../nbs/12_data_synth.ipynb #b2a5bb34
-def synth_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro synth --out DIR --n-train N --n-val N --n-test N --image-size PX --seed S [--shard-size K]`."
-    p = CliParser(prog="vlmrepro synth", description="Write the synthetic world in every upstream format.")
-    p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--n-train", type=int, default=1000); p.add_argument("--n-val", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=100); p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0); p.add_argument("--shard-size", type=int, default=1000)
-    a = p.parse_args(argv)
-    root = write_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.seed, a.shard_size)
-    w = read_json(root/"world.json")
-    print(f"wrote {sum(w['counts'].values())} images ({w['counts']}) in every format to {root} in {w['seconds']} s")
-    return 0

@@ -4,18 +4,17 @@
 
 # %% ../../nbs/91_bench.ipynb #f81b0aaf
 from __future__ import annotations
-import argparse, json, math, os, platform, shutil, tempfile, time
+import json, math, os, platform, shutil, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core import VlmreproError, atomic_write, git_commit, package_versions, seed_everything, write_json
-from ..data.records import CliParser
 
 # %% auto #0
-__all__ = ['BENCHES', 'plain_loop', 'fit_overhead', 'index_bench', 'caption_bench', 'data_bench', 'decoding_bench',
-           'bench_markdown', 'run_benches', 'bench_main']
+__all__ = ['BENCHES', 'plain_loop', 'fit_overhead', 'index_bench', 'cli_bench', 'caption_bench', 'data_bench', 'decoding_bench',
+           'bench_markdown', 'run_benches']
 
 # %% ../../nbs/91_bench.ipynb #1c95e979
 def _mlp(width: int, depth: int, seed: int = 0) -> torch.nn.Module:
@@ -138,6 +137,37 @@ def index_bench(out_dir=None, quick: bool = False, n: int | None = None, dim: in
                         {"what": f"index write, {n:,} rows (s)", "ours": t_write, "baseline": None, "ratio": None,
                          "note": f"{n * dim * 4 / 2**20 / t_write:.0f} MiB/s"}]}
 
+# %% ../../nbs/91_bench.ipynb #36993e0d
+def _best_seconds(cmd: list[str], repeats: int) -> float:
+    "Fastest wall time of `cmd` in a fresh process over `repeats` runs (raises if it fails)."
+    import subprocess, sys
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        times.append(time.perf_counter() - t0)
+        if r.returncode: raise VlmreproError(f"{' '.join(cmd)} failed: {r.stderr[-300:]}")
+    return min(times)
+
+def cli_bench(out_dir=None, quick: bool = False, repeats: int | None = None) -> dict:
+    "Start-up of `vlmrepro --help` and of the caption metrics' import, in fresh processes, against their floors."
+    import subprocess, sys
+    repeats = repeats or (2 if quick else 7)
+    exe = Path(sys.executable).parent/"vlmrepro"
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "vlmrepro.cli"]
+    py = lambda code: [sys.executable, "-c", code]
+    s = {"help": _best_seconds([*cli, "--help"], repeats), "python": _best_seconds(py("pass"), repeats),
+         "caption_import": _best_seconds(py("import vlmrepro.metrics.caption"), repeats),
+         "torch_import": _best_seconds(py("import torch"), repeats)}
+    probe = subprocess.run(py("import sys, vlmrepro.cli, vlmrepro.metrics.cli; print('torch' in sys.modules)"),
+                           capture_output=True, text=True, timeout=300)
+    r = {"repeats": repeats, "seconds": s, "loads_torch": probe.stdout.strip() != "False", "loadavg": os.getloadavg()[0],
+         "summary": [{"what": "vlmrepro --help, fresh process (s)", "ours": s["help"], "baseline": s["python"],
+                      "ratio": s["help"] / s["python"], "note": f"/ the bare interpreter; best of {repeats}; goal under 0.3 s"},
+                     {"what": "import the caption metrics, fresh process (s)", "ours": s["caption_import"], "baseline": s["torch_import"],
+                      "ratio": s["caption_import"] / s["torch_import"], "note": "/ import torch alone, which it no longer loads"}]}
+    if out_dir is not None: write_json(Path(out_dir)/"cli_startup.json", r)
+    return r
+
 # %% ../../nbs/91_bench.ipynb #d87916f8
 def caption_bench(out_dir=None, quick: bool = False) -> dict:
     "Caption metrics: ours (official and fast paths) against pycocoevalcap (`metrics.benchmark.caption_benchmark`)."
@@ -176,7 +206,8 @@ def decoding_bench(out_dir=None, quick: bool = False) -> dict:
                      "note": f"KV cache / recompute each step (upstream); same labels: {r['same_labels']}"}]
     return r
 
-BENCHES = {"metrics": caption_bench, "data": data_bench, "decoding": decoding_bench, "fit": fit_overhead, "index": index_bench}
+BENCHES = {"metrics": caption_bench, "data": data_bench, "decoding": decoding_bench, "fit": fit_overhead, "index": index_bench,
+           "cli": cli_bench}
 
 # %% ../../nbs/91_bench.ipynb #916f9cf8
 def _fmt(v) -> str:
@@ -234,14 +265,3 @@ def run_benches(names=None, quick: bool = False, out_dir="results/benchmarks", l
         write_json(out/"bench.json", {"meta": meta, "results": results})
         with atomic_write(out/"README.md") as f: f.write(bench_markdown(results, meta))
     return results, meta
-
-def bench_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro bench [--only NAME ...] [--quick] [--out DIR]`; exit 1 when a benchmark failed."
-    p = CliParser(prog="vlmrepro bench", description="Run every benchmark side by side and write results/benchmarks/README.md.")
-    p.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these: {', '.join(BENCHES)}")
-    p.add_argument("--quick", action="store_true", help="small sizes: seconds per benchmark, for a smoke test")
-    p.add_argument("--out", default="results/benchmarks", help="where bench.json and README.md go")
-    a = p.parse_args(argv)
-    results, meta = run_benches(a.only, a.quick, a.out)
-    print(bench_markdown(results, meta))
-    return 1 if any("error" in r for r in results.values()) else 0

@@ -15,7 +15,7 @@ from ..runner import results_root
 
 # %% auto #0
 __all__ = ['DIRECTIVE', 'CHROMIUM_FLAGS', 'process_notebooks', 'page_name', 'paper_page', 'prepare_notebook', 'collect_pages',
-           'mkdocs_config', 'build_docs', 'broken_links', 'chromium_binary', 'screenshot', 'docs_main']
+           'mkdocs_config', 'build_docs', 'broken_links', 'chromium_binary', 'screenshot', 'make_docs']
 
 # %% ../../nbs/90_docs.ipynb #741c8081
 def process_notebooks(root: Path) -> Path:
@@ -159,18 +159,13 @@ def screenshot(page: str | os.PathLike, png: str | os.PathLike, width: int = 128
     return png
 
 # %% ../../nbs/90_docs.ipynb #c7ea46e1
-def docs_main(argv: list[str] | None = None) -> int:
-    "Entry point of `vlmrepro docs`."
-    import argparse
-    p = argparse.ArgumentParser(prog="vlmrepro docs", description="build the documentation site offline")
-    p.add_argument("--out", help="output directory (default: <repo>/_docs)")
-    p.add_argument("--screenshots", help="also save PNGs of the home page and the first paper page here (needs chromium)")
-    a = p.parse_args(argv)
-    site = build_docs(a.out)
+def make_docs(out: str | os.PathLike | None = None, screenshots: str | os.PathLike | None = None, log=print) -> Path:
+    "Build the site, refuse broken internal links, and optionally screenshot the home page and the first paper page."
+    site = build_docs(out)
     bad = broken_links(site)
-    print(f"site: {site/'index.html'} ({sum(1 for _ in site.rglob('*.html'))} pages)")
+    log(f"site: {site/'index.html'} ({sum(1 for _ in site.rglob('*.html'))} pages)")
     if bad: raise VlmreproError(f"{len(bad)} broken internal links, e.g. {bad[:5]}")
-    if a.screenshots:
+    if screenshots:
         first_paper = paper_page(next(iter(find_systems().values())))
-        for page in ("index", first_paper): print(screenshot(site/f"{page}.html", Path(a.screenshots)/f"docs-{page}.png"))
-    return 0
+        for page in ("index", first_paper): log(screenshot(site/f"{page}.html", Path(screenshots)/f"docs-{page}.png"))
+    return site

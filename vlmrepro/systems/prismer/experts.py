@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from ...core import VlmreproError, atomic_write, ensure_writable_dir, read_json
 from ...data.readers import PRISMER_EXPERTS, expert_label_path
-from ...data.records import BadInputError, CliParser, load_image
+from ...data.records import BadInputError, load_image
 
 # %% auto #0
 __all__ = ['EXPERTS', 'ALIASES', 'INSTANCE_EXPERTS', 'IMAGE_SUFFIXES', 'BACKENDS', 'parse_experts', 'Label', 'Expert',
            'gaussian_blur', 'sobel', 'canny', 'CannyEdges', 'normals_from_depth', 'DepthNormals', 'OracleExpert',
            'TextFeatures', 'words_to_label', 'TesseractOCR', 'RapidOCR', 'DPTDepth', 'Mask2FormerSeg',
            'instances_by_depth', 'DetrDetection', 'label_files', 'write_label', 'read_word_features', 'list_images',
-           'LabelStats', 'label_dataset', 'build_expert', 'experts_main']
+           'LabelStats', 'label_dataset', 'parse_pairs', 'build_expert', 'label_experts']
 
 # %% ../../../nbs/80_prismer_experts.ipynb #c8e19faa
 EXPERTS = PRISMER_EXPERTS                    # depth, normal, edge, seg_coco, obj_detection, ocr_detection: the run order
@@ -416,11 +416,13 @@ BACKENDS = {"depth": ("oracle", "paper"), "normal": ("oracle", "classic"), "edge
             "seg_coco": ("oracle", "paper"), "obj_detection": ("oracle", "paper"),
             "ocr_detection": ("oracle", "tesseract", "rapidocr")}
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
+def parse_pairs(spec, what: str = "backend") -> dict[str, str]:
+    "`{expert: value}` from ['depth=paper', ...] or 'depth=paper,edge=classic' (short expert names allowed)."
     out = {}
-    for it in items or []:
-        k, sep, v = it.partition("=")
-        if not sep: raise VlmreproError(f"--{what} takes EXPERT=VALUE, got {it!r}")
+    for it in (spec.split(",") if isinstance(spec, str) else spec or []):
+        if not it.strip(): continue
+        k, sep, v = it.strip().partition("=")
+        if not sep or not v: raise VlmreproError(f"a {what} is given as EXPERT=VALUE, got {it!r}")
         out[parse_experts([k])[0]] = v
     return out
 
@@ -439,31 +441,21 @@ def build_expert(name: str, backend: str | None = None, checkpoint=None, world_r
     if backend == "rapidocr": return RapidOCR(text_features)
     return {"depth": DPTDepth, "seg_coco": Mask2FormerSeg, "obj_detection": DetrDetection}[name](checkpoint, device=device)
 
-def experts_main(argv: list[str] | None = None) -> int:
-    "`vlmrepro experts --data ROOT --experts depth,normal,edge,seg,det,ocr [--list FILE ...]`."
-    p = CliParser(prog="vlmrepro experts", description="Run Prismer's modality experts over a dataset (resumable).")
-    p.add_argument("--data", required=True, help="dataset root (images/ and prismer/ lists, or a synthetic world)")
-    p.add_argument("--experts", default="depth,normal,edge,seg,det,ocr", help="comma-separated expert names")
-    p.add_argument("--dataset", default=None, help="dataset name in the label path (default: 'synth' for a world, else the root's name)")
-    p.add_argument("--image-root", default=None, help="default: DATA/images if it exists, else DATA")
-    p.add_argument("--label-root", default=None, help="default: DATA/labels")
-    p.add_argument("--list", nargs="*", default=[], help="Prismer data lists whose images to label (default: every image)")
-    p.add_argument("--backend", nargs="*", default=[], metavar="EXPERT=KIND", help=f"implementation per expert: {BACKENDS}")
-    p.add_argument("--checkpoint", nargs="*", default=[], metavar="EXPERT=DIR", help="paper-family checkpoints")
-    p.add_argument("--text-encoder", default="tiny-clip", help="CLIP for OCR word features (zoo name, dir or hub name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--limit", type=int, default=None, help="label only the first N images")
-    a = p.parse_args(argv)
-    root = Path(a.data)
-    if not root.is_dir(): raise VlmreproError(f"--data {root}: no such directory")
+def label_experts(data, experts="depth,normal,edge,seg,det,ocr", dataset: str | None = None, image_root=None, label_root=None,
+                  lists=(), backends: dict[str, str] | None = None, checkpoints: dict[str, str] | None = None,
+                  text_encoder: str = "tiny-clip", device: str = "cpu", limit: int | None = None) -> dict:
+    "Label the images of the dataset at `data` with `experts`; per expert its backend, labels written and already done."
+    root = Path(data)
+    if not root.is_dir(): raise VlmreproError(f"data root {root}: no such directory; pass the dataset root (--data)")
     is_world = (root/"world.json").exists()
-    image_root = Path(a.image_root) if a.image_root else (root/"images" if (root/"images").is_dir() else root)
-    label_root = ensure_writable_dir(Path(a.label_root) if a.label_root else root/"labels", "label directory")
-    names, backends, ckpts = parse_experts(a.experts), _pairs(a.backend, "backend"), _pairs(a.checkpoint, "checkpoint")
-    text = TextFeatures(a.text_encoder) if "ocr_detection" in names else None
-    experts = [build_expert(n, backends.get(n), ckpts.get(n), root, text, a.device) for n in names]
-    images = list_images(image_root, a.list)[:a.limit]
-    stats = label_dataset(experts, image_root, label_root, a.dataset or ("synth" if is_world else root.name), images)
-    for e in experts: print(f"{e.name:14s} {e.kind:9s} written {stats.written[e.name]:6d}  already done {stats.skipped[e.name]:6d}")
-    print(f"labels in {label_root}")
-    return 0
+    image_root = Path(image_root) if image_root else (root/"images" if (root/"images").is_dir() else root)
+    label_root = ensure_writable_dir(Path(label_root) if label_root else root/"labels", "label directory")
+    names = parse_experts(experts)
+    backends = {parse_experts([k])[0]: v for k, v in (backends or {}).items()}
+    checkpoints = {parse_experts([k])[0]: v for k, v in (checkpoints or {}).items()}
+    text = TextFeatures(text_encoder) if "ocr_detection" in names else None
+    built = [build_expert(n, backends.get(n), checkpoints.get(n), root, text, device) for n in names]
+    images = list_images(image_root, lists)[:limit]
+    stats = label_dataset(built, image_root, label_root, dataset or ("synth" if is_world else root.name), images)
+    return {"label_root": label_root, "experts": {e.name: {"backend": e.kind, "written": stats.written[e.name],
+                                                            "already_done": stats.skipped[e.name]} for e in built}}
