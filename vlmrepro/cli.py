@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="run every system in the tiny preset and print the results table")
     rp.add_argument("--only", nargs="+", metavar="SYSTEM", help="run only these systems")
     rp.add_argument("--preset", default="tiny")
+    rp.add_argument("--jobs", type=int, help="notebooks run at once (default: min(cores, 2)); each pins its own threads, so the numbers do not depend on it")
+    c = sub.add_parser("check", help="list the files a system reads for these parameters, present or missing (exit 2 when one is missing)")
+    c.add_argument("system", help="a system name (e.g. nxtp)")
+    c.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="a parameter, e.g. -p data_root DIR")
+    c.add_argument("--preset", default="tiny", help="named parameter set (default: tiny)")
     for q in (r, s, sub.choices["report"], sub.choices["list"], rp):
         q.add_argument("--results", help="results root (default: $VLMREPRO_RESULTS or <repo>/results)")
     for name, (_, _, helptext) in TOOLS.items(): sub.add_parser(name, help=helptext, add_help=False)
@@ -125,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failed else 0
         elif a.cmd == "report": print(runner.report(a.results))
         elif a.cmd == "list": _list(a.results)
+        elif a.cmd == "check":
+            rows = registry.check_data(a.system, dict(a.param), a.preset)
+            print(registry.format_data_check(a.system, rows))
+            return 2 if registry.missing_data(rows) else 0
         elif a.cmd == "reproduce":
-            out = runner.reproduce(a.results, a.only, a.preset)
+            out = runner.reproduce(a.results, a.only, a.preset, jobs=a.jobs)
             print(runner.report_markdown(a.results))
             return 1 if any(r.status == "failed" for r in out) else 0
         return 0
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmrepro: error: {e}", file=sys.stderr); return 2
     except runner.RunFailed as e:
         print(f"vlmrepro: run failed: {e}", file=sys.stderr); return 1
+    except KeyboardInterrupt:
+        print("vlmrepro: interrupted; the run is marked failed and a rerun resumes it", file=sys.stderr); return 130
 
 # %% ../nbs/06_cli.ipynb #5c1a0e11
 #| eval: false
