@@ -144,6 +144,7 @@ except VlmreproError as e: print("busy", e, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_lock_has_one_winner_and_dies_with_its_holder(tmp_path):
     "Six processes race for one lock: one wins. A holder killed with SIGKILL leaves nothing stale behind."
     lock = tmp_path/".r.lock"
