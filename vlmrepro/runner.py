@@ -51,14 +51,14 @@ METRIC_NAME = re.compile(r"^[a-z0-9_]+/[a-z0-9_@.\-]+$")
 def start_run(run_dir: str | os.PathLike | None = None, seed: int | None = None, threads: int | None = None,
               deterministic: bool = True) -> Path:
     "The run directory (relative: under the results root; None: a fresh temporary one), created; seeds, pins `threads`, records both."
-    import torch
-    if threads: torch.set_num_threads(threads)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     if seed is not None: seed_everything(seed, deterministic)
-    elif deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
     if run_dir is None: d = Path(tempfile.mkdtemp(prefix="vlmrepro-run-"))
     else: d = Path(run_dir) if Path(run_dir).is_absolute() else results_root()/run_dir
     (d/"figures").mkdir(parents=True, exist_ok=True)
-    if is_main() and (d/"config.json").exists(): write_json(d/"config.json", {**read_json(d/"config.json"), "runtime": runtime()})
+    _record_runtime(d)
     return d
 
 def runtime() -> dict:
@@ -68,6 +68,11 @@ def runtime() -> dict:
             "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
 
+def _record_runtime(run_dir: Path) -> None:
+    "Put `runtime()` into the run's config.json, when the runner wrote one (rank 0 only)."
+    if is_main() and (Path(run_dir)/"config.json").exists():
+        write_json(Path(run_dir)/"config.json", {**read_json(Path(run_dir)/"config.json"), "runtime": runtime()})
+
 def save_metrics(run_dir: str | os.PathLike, metrics: dict, sources: dict | str) -> Path:
     "Write a flat `{name: number}` metrics.json and the implementation behind each number (rank 0 only)."
     bad = [k for k, v in metrics.items() if not METRIC_NAME.match(k) or isinstance(v, bool) or not isinstance(v, (int, float))]
@@ -75,6 +80,7 @@ def save_metrics(run_dir: str | os.PathLike, metrics: dict, sources: dict | str)
     sources = {k: sources for k in metrics} if isinstance(sources, str) else sources
     check_names(set(metrics) - set(sources), [], what="metric without a source")
     if not is_main(): return Path(run_dir)/"metrics.json"
+    _record_runtime(run_dir)                                    # the settings the metrics were computed under
     write_json(Path(run_dir)/"metric_sources.json", {k: sources[k] for k in metrics})
     return write_json(Path(run_dir)/"metrics.json", {k: float(v) for k, v in metrics.items()})
 
