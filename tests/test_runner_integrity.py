@@ -367,3 +367,23 @@ def test_nxtp_and_quickstart_describe_their_data(tmp_path):
     assert [r.present for r in check_data("nxtp", {"data_root": str(tmp_path)})] == [True, False, True]
     (tmp_path/"shards/train/00000_stats.json").write_text("{}")
     assert all(r.present for r in check_data("nxtp", {"data_root": str(tmp_path)}))
+
+
+MACHINE_PATH = __import__("re").compile(r"""(?:^|["'\s(=])/(?:work|root|home|tmp|Users|var|opt|mnt|scratch)/""")
+REMADE = {"quickstart/tiny"}              # committed runs made since the runner saves portable notebooks
+
+
+def _committed(run_dir: Path):
+    name = f"{run_dir.parent.name}/{run_dir.name}"
+    preset = json.loads((run_dir/"config.json").read_text()).get("preset")
+    marks = () if name in REMADE else pytest.mark.xfail(strict=True, reason=f"made before the runner saved portable notebooks; re-make "
+                                                         f"it: vlmrepro run {run_dir.parent.name} --preset {preset} --run-id {run_dir.name} --rerun")
+    return pytest.param(run_dir, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("run_dir", [_committed(p.parent) for p in sorted((REPO/"results").glob("*/*/config.json"))])
+def test_committed_runs_hold_no_machine_paths(run_dir):
+    for f in [*run_dir.glob("*.ipynb"), *run_dir.glob("*.json")]:
+        text = f.read_text(encoding="utf-8")
+        hits = [m.group(0) for m in MACHINE_PATH.finditer(text)] + [p for p in (str(REPO), str(Path.home())) if p in text]
+        assert not hits, f"{f.relative_to(REPO)} names paths of the machine that made it: {hits[:3]}"
