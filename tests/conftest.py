@@ -17,3 +17,7 @@ def vlmrepro_command() -> list[str]:
 @pytest.fixture
 def vlmrepro_cmd():
     return vlmrepro_command()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains for more than ~20 s, executes a paper notebook, or starts several processes")

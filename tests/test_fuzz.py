@@ -403,6 +403,42 @@ def test_sweep_file_malformed(tmp_path, text):
     with pytest.raises(VlmreproError): sweep(p, tmp_path/"results", log=lambda *a: None)
 
 
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    "A flow-style YAML list whose nested aliases stand for width**levels values: ~300 bytes."
+    parts = ["&a0 [" + ",".join(["1"] * width) + "]"]
+    parts += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_param_value_of_nested_aliases_is_refused_at_once():
+    "`-p KEY VALUE` with a few hundred bytes of nested aliases: an error naming the parameter, not a minute and a MemoryError."
+    import time
+    from vlmrepro.registry import coerce_value, resolve_params, find_systems
+    bomb = _alias_bomb()
+    assert len(bomb) < 420
+    t = time.time()
+    for default in (None, [1], {"a": 1}):
+        with pytest.raises(VlmreproError, match="parameter 'k': the YAML stands for more than"): coerce_value("k", bomb, default)
+    with pytest.raises(VlmreproError, match="parameter 'data_root'"):
+        resolve_params(find_systems()["nxtp"], overrides={"data_root": bomb})
+    assert time.time() - t < 5
+
+
+def test_sweep_grid_of_aliases_is_refused_with_its_size(tmp_path):
+    "A 130-byte grid whose aliases make a billion combinations: refused, naming the size, before anything runs."
+    import time
+    from vlmrepro.runner import sweep
+    p = tmp_path/"g.yaml"
+    p.write_text("system: quickstart\ngrid: {a: &a [1,2,3,4,5,6,7,8,9,0], b: *a, c: *a, d: *a, e: *a, f: *a, g: *a, h: *a, i: *a}\n")
+    t = time.time()
+    with pytest.raises(VlmreproError, match=r"'grid' has 1,000,000,000 combinations \(10 x 10 x 10"):
+        sweep(p, tmp_path/"res", log=lambda *a: None)
+    assert time.time() - t < 5 and not (tmp_path/"res").exists()
+    p.write_text("system: quickstart\nruns: [" + _alias_bomb(5, 12) + "]\n")          # a value that expands past the file limit
+    with pytest.raises(VlmreproError, match="g.yaml: the YAML stands for more than 100,000 values"):
+        sweep(p, tmp_path/"res", log=lambda *a: None)
+
+
 def test_pack_cli_usage_and_bad_input(tmp_path, root):
     from vlmrepro.cli import dispatch
     for argv in ([], ["--format", "nope", "--root", str(root), "--split", "train", "--out", str(tmp_path/"o")],

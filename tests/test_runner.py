@@ -88,3 +88,32 @@ def test_unwritable_results_dir(tmp_path, vlmrepro_cmd):
     blocker = tmp_path / "file"; blocker.write_text("not a directory")
     out = vlm(vlmrepro_cmd, "run", "quickstart", "--results", str(blocker / "results"))
     assert out.returncode == 2 and "is not writable" in out.stderr, out.stderr
+
+
+def _committed_quickstart():
+    committed = REPO / "results" / "quickstart" / "tiny"
+    return committed, json.loads((committed / "config.json").read_text()), json.loads((committed / "metrics.json").read_text())
+
+
+def test_committed_quickstart_run_is_regenerated_number_for_number(tmp_path):
+    "The committed results/quickstart/tiny, run again from its config.json into a scratch results root: the same metrics.json."
+    from vlmrepro.runner import run
+    committed, cfg, metrics = _committed_quickstart()
+    r = run("quickstart", cfg["overrides"], cfg["preset"], run_id="tiny", results=tmp_path, log=lambda *a: None)
+    new_cfg = json.loads((r.run_dir / "config.json").read_text())
+    assert new_cfg["params"] == cfg["params"], "the notebook's parameters moved away from the committed run's; re-make it"
+    assert new_cfg["runtime"]["torch_threads"] == cfg["runtime"]["torch_threads"] == 1
+    assert json.loads((r.run_dir / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+def test_reproduce_in_parallel_gives_the_committed_numbers(tmp_path):
+    "reproduce with two jobs (quickstart beside another notebook, each in its own process): quickstart's numbers are the committed ones."
+    from test_runner_integrity import notebook
+    from vlmrepro.runner import reproduce
+    _, _, metrics = _committed_quickstart()
+    toy = notebook(tmp_path / "toy.ipynb")
+    out = reproduce(tmp_path / "res", ["quickstart", str(toy)], jobs=2, log=lambda *a: None)
+    assert [(r.system, r.status) for r in out] == [("quickstart", "done"), ("toy", "done")]
+    assert json.loads((tmp_path / "res" / "quickstart" / "tiny" / "metrics.json").read_text()) == metrics
+    assert "| tiny | tiny | val/score |" in (tmp_path / "res" / "README.md").read_text()

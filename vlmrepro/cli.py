@@ -11,7 +11,7 @@ from typing import Callable
 from .core import VlmreproError, check_names, is_main, read_json
 
 # %% auto #0
-__all__ = ['COMMANDS', 'CliParser', 'Command', 'top_parser', 'command_parser', 'dispatch', 'main']
+__all__ = ['CONVERTERS', 'COMMANDS', 'CliParser', 'Command', 'top_parser', 'command_parser', 'dispatch', 'main']
 
 # %% ../nbs/06_cli.ipynb #daeed1d6
 class CliParser(argparse.ArgumentParser):
@@ -111,12 +111,25 @@ def _list(a, registry, runner) -> int:
 
 def _reproduce_args(p, *_):
     p.add_argument("--only", nargs="+", metavar="SYSTEM", help="run only these systems")
-    p.add_argument("--preset", default="tiny"); _results_arg(p)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--jobs", type=int, help="notebooks run at once (default: min(cores, 2)); each pins its own threads, "
+                   "so the numbers do not depend on it")
+    _results_arg(p)
 
 def _reproduce(a, runner) -> int:
-    out = runner.reproduce(a.results, a.only, a.preset)
+    out = runner.reproduce(a.results, a.only, a.preset, jobs=a.jobs)
     print(runner.report_markdown(a.results))
     return 1 if any(r.status == "failed" for r in out) else 0
+
+def _check_args(p, *_):
+    p.add_argument("system", help="a system name (e.g. nxtp)")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="a parameter, e.g. -p data_root DIR")
+    p.add_argument("--preset", default="tiny", help="named parameter set (default: tiny)")
+
+def _check(a, registry) -> int:
+    rows = registry.check_data(a.system, dict(a.param), a.preset)
+    print(registry.format_data_check(a.system, rows))
+    return 2 if registry.missing_data(rows) else 0
 
 # %% ../nbs/06_cli.ipynb #95eeb458
 def _synth_args(p, *_):
@@ -221,8 +234,22 @@ def _bench(a, bench) -> int:
     print(bench.bench_markdown(results, meta))
     return 1 if any("error" in r for r in results.values()) else 0
 
+def _convert_args(p, *_):
+    p.add_argument("system", choices=CONVERTERS, help="whose released checkpoint it is")
+    p.add_argument("checkpoint", help="the upstream's checkpoint file")
+    p.add_argument("--config", "--args", dest="config", help="the upstream's config beside it (FROMAGe: model_args.json; "
+                   "ILLUME/MAGMA: magma_config.yml)")
+    p.add_argument("--out", required=True, help="output directory (safetensors + the config our build reads)")
+
+def _convert(a) -> int:
+    convert = importlib.import_module(f"vlmrepro.systems.{a.system}.convert")   # only the named system's converter
+    print(f"converted {a.checkpoint} -> {convert.convert_checkpoint(a.checkpoint, a.out, a.config)}")
+    return 0
+
 # %% ../nbs/06_cli.ipynb #da86be12
 _RUNNER = ("vlmrepro.registry", "vlmrepro.runner")
+CONVERTERS = ("fromage", "illume", "nxtp", "prismer")   # systems whose upstream releases weights to convert
+
 COMMANDS = {
     "run": Command("run one paper notebook into results/<system>/<run-id>/", _run_args, _run, (*_RUNNER, "vlmrepro.distributed")),
     "sweep": Command("run every parameter set of a sweep YAML, continuing past failures", _sweep_args, _sweep, ("vlmrepro.runner",)),
@@ -230,6 +257,10 @@ COMMANDS = {
     "list": Command("show systems, their presets and parameters, and runs", _results_arg, _list, _RUNNER),
     "reproduce": Command("run every system in the tiny preset and print the results table", _reproduce_args, _reproduce,
                          ("vlmrepro.runner",)),
+    "check": Command("list the files a system reads for these parameters, present or missing (exit 2 when one is)",
+                     _check_args, _check, ("vlmrepro.registry",)),
+    "convert": Command("map an upstream's released checkpoint onto our model (strict keys, safetensors out)", _convert_args,
+                       _convert),
     "synth": Command("write the synthetic world in every upstream format", _synth_args, _synth, ("vlmrepro.data.synth",)),
     "pack": Command("pack samples from any reader into WebDataset shards", _pack_args, _pack,
                     ("vlmrepro.data.pack", "vlmrepro.data.readers")),
@@ -279,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     try: return dispatch(list(sys.argv[1:] if argv is None else argv))
     except VlmreproError as e:
         print(f"vlmrepro: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt:
+        print("vlmrepro: interrupted; the run is marked failed and a rerun resumes it", file=sys.stderr); return 130
 
 # %% ../nbs/06_cli.ipynb #dafdf6a7
 #| eval: false

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
+import yaml
+
 # %% auto #0
 __all__ = ['PRECISIONS', 'CORE_PACKAGES', 'VlmreproError', 'check_names', 'seed_everything', 'pick_device', 'pick_precision',
            'world_size', 'rank', 'is_main', 'atomic_write', 'write_json', 'read_json', 'sha256_file', 'min_free_mb',
-           'ensure_writable_dir', 'cache_dir', 'git_commit', 'package_versions']
+           'ensure_writable_dir', 'cache_dir', 'file_lock', 'load_yaml', 'git_commit', 'package_versions']
 
 # %% ../nbs/00_core.ipynb #ff60d362
 class VlmreproError(Exception):
@@ -154,6 +156,67 @@ def cache_dir(*parts: str) -> Path:
     "A directory under the vlmrepro cache ($VLMREPRO_CACHE, default ~/.cache/vlmrepro), created on demand."
     root = Path(os.environ.get("VLMREPRO_CACHE") or Path.home()/".cache"/"vlmrepro").expanduser()
     return ensure_writable_dir(root.joinpath(*parts), "cache directory")
+
+# %% ../nbs/00_core.ipynb #f4b3d399
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True, busy: str | None = None):
+    "Hold an exclusive lock on `path` (created if needed) inside the block; `wait=False` raises `VlmreproError` (`busy`, with {pid}) when it is held."
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:           # closing the file releases the lock
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0); pid = f.read().strip() or "unknown"
+            raise VlmreproError((busy or "{path} is in use by process {pid}; wait for it to finish").format(path=path, pid=pid)) from None
+        f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+        yield path
+
+# %% ../nbs/00_core.ipynb #b5649731
+class _PlainYamlLoader(yaml.SafeLoader):
+    "PyYAML's safe loader without the implicit timestamp type."
+
+_PlainYamlLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+def _yaml_children(node) -> list:
+    if isinstance(node, yaml.SequenceNode): return node.value
+    if isinstance(node, yaml.MappingNode): return [x for kv in node.value for x in kv]
+    return []
+
+def _expanded_size(root, max_nodes: int, max_depth: int, what: str) -> int:
+    "How many values the YAML node graph `root` stands for with every alias expanded; raises past the limits."
+    sizes, on_path, stack = {}, set(), [(root, 0, False)]
+    while stack:
+        node, depth, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _yaml_children(node))
+            if sizes[id(node)] > max_nodes:
+                raise VlmreproError(f"{what}: the YAML stands for more than {max_nodes:,} values once its aliases (*name) are "
+                                    "expanded; write it out without nested aliases, or make it smaller")
+            continue
+        if id(node) in sizes: continue
+        if id(node) in on_path: raise VlmreproError(f"{what}: a YAML alias refers to itself (like '&a [*a]'); remove the self-reference")
+        if depth > max_depth: raise VlmreproError(f"{what}: YAML nested deeper than {max_depth} levels; flatten it")
+        on_path.add(id(node)); stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in _yaml_children(node))
+    return sizes[id(root)]
+
+def load_yaml(text: str, what: str, max_nodes: int = 10_000, max_depth: int = 100):
+    "Parse YAML `text` (named `what` in errors) with bounded alias expansion, depth and size; dates stay strings."
+    loader = None
+    try:
+        loader = _PlainYamlLoader(text)                       # its reader refuses control characters
+        node = loader.get_single_node()
+        if node is None: return None
+        _expanded_size(node, max_nodes, max_depth, what)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e: raise VlmreproError(f"{what}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError: raise VlmreproError(f"{what}: YAML nested too deeply to read; flatten it") from None
+    except ValueError as e: raise VlmreproError(f"{what}: cannot read a value ({e})") from None   # e.g. an integer past 4300 digits
+    finally:
+        if loader is not None: loader.dispose()
 
 # %% ../nbs/00_core.ipynb #57146ef6
 CORE_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "pillow", "papermill", "vlmrepro")

@@ -4,21 +4,20 @@
 
 # %% ../nbs/04_registry.ipynb #83610c21
 from __future__ import annotations
-import ast, dataclasses, importlib, json, math, os, re
+import ast, contextlib, dataclasses, importlib, itertools, json, math, os, re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
-import yaml
-
-from .core import VlmreproError, check_names
+from .core import VlmreproError, check_names, load_yaml
 
 # %% auto #0
 __all__ = ['SYSTEMS', 'KINDS', 'CHOICES', 'RUN_PARAMS', 'SHARED_TRAIN_FIELDS', 'SystemEntry', 'register_system', 'repo_root',
            'get_system', 'find_systems', 'resolve_notebook', 'notebook_parameters', 'parameter_choices',
            'notebook_presets', 'coerce_value', 'resolve_params', 'config_from_params', 'System', 'system_module',
-           'system_config', 'create_system']
+           'system_config', 'create_system', 'DataFile', 'DataCheck', 'check_data', 'missing_data', 'format_data_check',
+           'preflight']
 
 # %% ../nbs/04_registry.ipynb #e418476c
 @dataclass(frozen=True)
@@ -132,34 +131,61 @@ def notebook_presets(nb_path: str | os.PathLike) -> tuple[dict, dict]:
 # %% ../nbs/04_registry.ipynb #932cc74e
 def _type_name(v) -> str: return type(v).__name__
 
+def _not_plain(value) -> str | None:
+    "What in `value` is not plain data (text, finite number, bool, None, list, mapping with text keys), or None."
+    stack = [value]
+    while stack:
+        x = stack.pop()
+        if x is None or isinstance(x, (str, bool, int)): continue
+        if isinstance(x, float):
+            if math.isfinite(x): continue
+            return f"the number {x}"
+        if isinstance(x, (list, tuple)): stack.extend(x); continue
+        if isinstance(x, dict):
+            if bad := [k for k in x if not isinstance(k, str)]: return f"a mapping with the key {bad[0]!r} (keys must be text)"
+            stack.extend(x.values()); continue
+        return f"{_type_name(x)} {x!r}"[:80]
+    return None
+
 def coerce_value(name: str, value, default):
     "Parse a command-line string (or check a YAML value) against the type of `default`."
+    text = value
     if isinstance(value, str) and not isinstance(default, str):
-        try: value = yaml.safe_load(value)
-        except (yaml.YAMLError, ValueError):   # ValueError: an integer past Python's 4300-digit limit
-            raise VlmreproError(f"parameter {name!r}: cannot parse value {value[:80]!r}") from None
+        value = load_yaml(value, f"parameter {name!r}")
+        if value is None and text.strip() not in ("", "~", "null", "Null", "NULL"):
+            raise VlmreproError(f"parameter {name!r}: {text[:80]!r} holds no value (YAML reads it as a comment); pass null for "
+                                "none, or quote it to pass it as text")
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             for num in (int, float):   # YAML 1.1 reads '1e-3' as a string
                 try: value = num(value); break
                 except ValueError: pass
+    if why := _not_plain(value):
+        hint = "; quote it to pass it as text" if default is None else ""
+        raise VlmreproError(f"parameter {name!r}: {str(text)[:80]!r} reads as {why}, which a parameter cannot hold (text, finite "
+                            f"numbers, true/false, null, lists, mappings with text keys){hint}")
     if default is None or value is None: return value
     if isinstance(default, bool):
         if isinstance(value, bool): return value
     elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isfinite(value): return float(value)
+        with contextlib.suppress(OverflowError): return float(value)     # an integer past float's range falls through
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool): return value
     elif isinstance(default, str): return value if isinstance(value, str) else str(value)
     elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)): return list(value)
     elif isinstance(default, dict) and isinstance(value, dict): return value
-    raise VlmreproError(f"parameter {name!r} expects {_type_name(default)} (default {default!r}), got {value!r}")
+    raise VlmreproError(f"parameter {name!r} expects {_type_name(default)} (default {default!r}), got {value!r}"[:300])
 
 def resolve_params(nb_path: str | os.PathLike, preset: str = "tiny", overrides: dict | None = None) -> dict:
     "Notebook defaults, then the preset's values, then `overrides`; every name and value checked."
     defaults = notebook_parameters(nb_path)
     presets, _ = notebook_presets(nb_path)
-    if preset not in presets: check_names([preset], presets, what="preset", owner=Path(nb_path).stem)
     overrides = dict(overrides or {})
+    if "run_dir" in overrides:
+        raise VlmreproError("parameter 'run_dir' is set by the runner (results/<system>/<run-id>); choose it with --run-id and --results")
+    if "preset" in overrides:
+        raise VlmreproError(f"parameter 'preset' is not set like the others; choose the preset with --preset (or a sweep's "
+                            f"'preset' key): one of {', '.join(presets)}")
+    if preset not in presets: check_names([preset], presets, what="preset", owner=Path(nb_path).stem)
     check_names(overrides, defaults, owner=Path(nb_path).stem)
     params = {**defaults, **presets[preset]}
     for k, v in overrides.items(): params[k] = coerce_value(k, v, defaults[k])
@@ -246,7 +272,7 @@ def system_config(name: str, params: Mapping | None = None, preset: str | None =
     nb = find_systems()[name]
     names = notebook_parameters(nb)
     given = dict(params or {})
-    if namespace is not None: given = {**{k: v for k, v in namespace.items() if k in names}, **given}
+    if namespace is not None: given = {**{k: v for k, v in namespace.items() if k in names and k != "run_dir"}, **given}
     preset = preset or given.get("preset") or "tiny"
     values = resolve_params(nb, preset, {k: v for k, v in given.items() if k != "preset"})
     mod = system_module(name)
@@ -258,3 +284,58 @@ def create_system(name: str, params: Mapping | None = None, preset: str | None =
     mod = system_module(name)
     model, processors = mod.build(cfg)
     return System(name, cfg, model, processors, mod)
+
+# %% ../nbs/04_registry.ipynb #651d7a8b
+@dataclass(frozen=True)
+class DataFile:
+    "A file or directory a system reads: where, in what format, whether a run needs it."
+    path: str
+    format: str                      # what it must hold, in words: "WebDataset shards (NNNNN.tar of jpg + txt)"
+    required: bool = True
+    pattern: str | None = None       # a directory: a glob that at least one file in it must match
+
+@dataclass(frozen=True)
+class DataCheck:
+    "A `DataFile` as found on disk."
+    file: DataFile
+    present: bool
+    found: str                       # what is there: "3 files match *.tar", "not found", ...
+
+def _look(f: DataFile) -> DataCheck:
+    p = Path(f.path)
+    if not p.exists(): return DataCheck(f, False, "not found")
+    if not os.access(p, os.R_OK): return DataCheck(f, False, "not readable (check its permissions)")
+    if f.pattern is None: return DataCheck(f, True, "a directory" if p.is_dir() else f"{p.stat().st_size:,} bytes")
+    if not p.is_dir(): return DataCheck(f, False, f"a file, but a directory holding {f.pattern} is expected")
+    n = sum(1 for _ in itertools.islice(p.glob(f.pattern), 10_000))
+    many = f"{n:,}{'+' if n == 10_000 else ''} files match" if n > 1 else "1 file matches"
+    return DataCheck(f, n > 0, f"{many} {f.pattern}" if n else f"no file matches {f.pattern}")
+
+def check_data(name: str, params: Mapping | None = None, preset: str | None = None) -> list[DataCheck] | None:
+    "Every file system `name` reads for these parameters, looked up on disk (None: its system.py has no `data_files`)."
+    mod = system_module(name)
+    if not hasattr(mod, "data_files"): return None
+    return [_look(f) for f in mod.data_files(system_config(name, params, preset))]
+
+def missing_data(rows: list[DataCheck] | None) -> list[DataCheck]:
+    "The required files among `rows` that are not there."
+    return [r for r in rows or [] if r.file.required and not r.present]
+
+def format_data_check(name: str, rows: list[DataCheck] | None) -> str:
+    "`check_data`'s rows as the lines `vlmrepro check` prints."
+    if rows is None: return f"{name} does not describe the files it reads (its system.py has no data_files); nothing to check"
+    if not rows: return f"{name} reads no files for these parameters"
+    width = max(len(r.file.path) for r in rows)
+    lines = [f"{name} reads:"]
+    for r in rows:
+        state = ("present" if r.present else "missing") + ("" if r.file.required else " (optional)")
+        lines.append(f"  {state:<18} {r.file.path:<{width}}  {r.file.format}: {r.found}")
+    if bad := missing_data(rows): lines.append(f"{len(bad)} required input{'s' if len(bad) > 1 else ''} missing")
+    return "\n".join(lines)
+
+def preflight(name: str, params: Mapping | None = None, preset: str | None = None) -> None:
+    "Raise `VlmreproError` naming the required files of system `name` that are missing for these parameters."
+    if bad := missing_data(check_data(name, params, preset)):
+        shown = "; ".join(f"{r.file.path} ({r.file.format}: {r.found})" for r in bad[:3])
+        raise VlmreproError(f"{name} cannot start, {len(bad)} required input{'s' if len(bad) > 1 else ''} missing: {shown}"
+                            f"{'; ...' if len(bad) > 3 else ''}; `vlmrepro check {name}` with the same -p values lists them all")

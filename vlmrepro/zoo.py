@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .core import cache_dir, VlmreproError, ensure_writable_dir, package_versions, read_json, seed_everything, sha256_file, write_json
+from .core import cache_dir, VlmreproError, ensure_writable_dir, file_lock, package_versions, read_json, seed_everything, sha256_file, write_json
 
 # %% auto #0
-__all__ = ['ZOO_ENV', 'ZOO', 'RECIPE_MODULES', 'zoo_root', 'Recipe', 'recipes', 'register', 'recipe_params', 'entry_info',
-           'is_current', 'build', 'ensure', 'verify', 'zoo_list', 'zoo_report', 'zoo_build']
+__all__ = ['ZOO_ENV', 'ZOO', 'RECIPE_MODULES', 'ZOO_THREADS', 'zoo_root', 'Recipe', 'recipes', 'register', 'recipe_params',
+           'entry_info', 'is_current', 'build', 'ensure', 'verify', 'zoo_list', 'zoo_report', 'zoo_build']
 
 # %% ../nbs/30_zoo.ipynb #7a7000a0
 ZOO_ENV = "VLMREPRO_ZOO"
@@ -61,17 +61,19 @@ def recipe_params(name: str, **overrides) -> dict:
     return params | overrides
 
 # %% ../nbs/30_zoo.ipynb #80758530
-@contextlib.contextmanager
-def _lock(path: Path):
-    import fcntl
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+ZOO_THREADS = 1
 
-def _torch_threads() -> int:
+@contextlib.contextmanager
+def _pinned_threads(n: int):
+    "torch uses `n` threads inside the block, and its previous count after it."
     import torch                       # only a build needs it; listing the zoo stays light
-    return torch.get_num_threads()
+    old = torch.get_num_threads(); torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(old)
+
+def _current(info: dict | None, params: dict) -> bool:
+    "Whether a built entry's manifest matches the recipe `params` and the zoo's thread count."
+    return info is not None and info.get("params") == params and info.get("torch_threads") == ZOO_THREADS
 
 def _file_hashes(d: Path) -> dict[str, str]:
     return {str(f.relative_to(d)): sha256_file(f) for f in sorted(d.rglob("*")) if f.is_file() and f.name != "zoo.json"}
@@ -83,8 +85,7 @@ def entry_info(name: str, root: str | os.PathLike | None = None) -> dict | None:
 
 def is_current(name: str, root: str | os.PathLike | None = None) -> bool:
     "Whether `name` is built with the recipe registered now."
-    info = entry_info(name, root)
-    return info is not None and info.get("params") == recipe_params(name)
+    return _current(entry_info(name, root), recipe_params(name))
 
 def build(name: str, root: str | os.PathLike | None = None, force: bool = False, **overrides) -> Path:
     "Train zoo entry `name` (with recipe `overrides`) into the zoo and return its directory."
@@ -92,17 +93,16 @@ def build(name: str, root: str | os.PathLike | None = None, force: bool = False,
     root = ensure_writable_dir(zoo_root(root), "zoo directory")
     for dep in recipes()[name].needs: ensure(dep, root)
     dest = root/name
-    with _lock(root/f".{name}.lock"):
-        info = entry_info(name, root)
-        if not force and info is not None and info.get("params") == params: return dest
+    with file_lock(root/f".{name}.lock"):
+        if not force and _current(entry_info(name, root), params): return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             seed_everything(params["seed"])
             t0 = time.time()
-            metrics = recipes()[name].train(tmp, params)
+            with _pinned_threads(ZOO_THREADS): metrics = recipes()[name].train(tmp, params)
             write_json(tmp/"zoo.json", {"name": name, "kind": recipes()[name].kind, "description": recipes()[name].description,
                                         "params": params, "seed": params["seed"], "metrics": metrics,
-                                        "build_seconds": round(time.time() - t0, 1), "torch_threads": _torch_threads(),
+                                        "build_seconds": round(time.time() - t0, 1), "torch_threads": ZOO_THREADS,
                                         "versions": package_versions(), "files": _file_hashes(tmp)})
             tmp.chmod(0o755)                                   # mkdtemp makes it private; entries are shared caches
             if dest.exists(): shutil.rmtree(dest)
@@ -135,7 +135,7 @@ def zoo_list(root: str | os.PathLike | None = None) -> list[dict]:
     rows = []
     for name, r in recipes().items():
         info = entry_info(name, root)
-        state = "missing" if info is None else ("built" if info.get("params") == recipe_params(name) else "stale")
+        state = "missing" if info is None else ("built" if _current(info, recipe_params(name)) else "stale")
         rows.append({"name": name, "kind": r.kind, "default": r.default, "state": state,
                      "metrics": (info or {}).get("metrics", {}), "description": r.description})
     return rows

@@ -14,13 +14,14 @@ from ...core import VlmreproError
 from ...data.records import Dropped
 from ...data.shards import ShardDataset
 from ...data.synth import synthetic_world
+from ...registry import DataFile
 from .model import (DECODERS, PROMPT, PROMPT_TEMPLATES, NxTPCollator, build_nxtp, evaluate_labels,
                                          nxtp_loss, nxtp_optimizer, predict, reference_labels, warmup_steps)
 from ...train import TrainConfig
 
 # %% auto #0
-__all__ = ['NOTEBOOK_ONLY', 'loss', 'Config', 'prompts', 'build', 'optimizer', 'Data', 'data', 'train_loader', 'train_config',
-           'evaluate']
+__all__ = ['NOTEBOOK_ONLY', 'loss', 'SHARDS', 'Config', 'prompts', 'build', 'optimizer', 'Data', 'data', 'train_loader',
+           'data_files', 'train_config', 'evaluate']
 
 # %% ../../../nbs/59_nxtp_system.ipynb #5a25c721
 @dataclass
@@ -89,6 +90,19 @@ def train_loader(model, processors, cfg: Config, shards: list[str]) -> tuple[tor
     ds = ShardDataset(shards, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.train.seed)
     collate = NxTPCollator(model, processors["image_processor"], prompts(cfg), rng=random.Random(cfg.train.seed))
     return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, collate_fn=collate), ds.total_samples()
+
+SHARDS = "WebDataset shards (NNNNN.tar; each sample an image .jpg/.png with its caption .txt)"
+
+def data_files(cfg: Config) -> list[DataFile]:
+    "The shard directories under `data_root` that `data` and `train_loader` read (none for the synthetic world, which is written, not read)."
+    if cfg.data_root is None: return []
+    root = Path(cfg.data_root)
+    out = []
+    for split in cfg.train_splits:
+        out += [DataFile(str(root/split), f"training {SHARDS}", pattern="*.tar"),
+                DataFile(str(root/split), "sample counts per shard (NNNNN_stats.json, as img2dataset and `vlmrepro pack` write them) that "
+                         "size the schedule; without them set max_steps", required=cfg.train.max_steps is None, pattern="*_stats.json")]
+    return out + [DataFile(str(root/split), f"validation split {name!r}: {SHARDS}", pattern="*.tar") for name, split in cfg.val_splits.items()]
 
 def train_config(cfg: Config, n_samples: int | None) -> TrainConfig:
     "`cfg.train` with the number of steps for its epochs over `n_samples` and upstream's warmup."

@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 from ...train import TrainConfig, default_optimizer
 
 # %% auto #0
-__all__ = ['CLASSES', 'NOTEBOOK_ONLY', 'draw', 'make_split', 'Config', 'build', 'loss', 'optimizer', 'data', 'evaluate']
+__all__ = ['CLASSES', 'NOTEBOOK_ONLY', 'draw', 'make_split', 'Config', 'build', 'loss', 'optimizer', 'data_files', 'data',
+           'evaluate']
 
 # %% ../../../nbs/39_quickstart.ipynb #980cabf8
 CLASSES = ("circle", "square", "triangle")
@@ -60,6 +61,10 @@ def build(cfg: Config) -> tuple[nn.Module, dict]:
 def loss(model, batch) -> torch.Tensor: return F.cross_entropy(model(batch[0]), batch[1])
 
 def optimizer(model, cfg: Config) -> torch.optim.Optimizer: return default_optimizer(model, cfg.train)
+
+def data_files(cfg: Config) -> list:
+    "The files quickstart reads: none (its images are drawn on the fly)."
+    return []
 
 def data(cfg: Config) -> dict[str, TensorDataset]:
     "{'train', 'val'} splits, drawn from the training seed and the next one."
