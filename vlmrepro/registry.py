@@ -13,11 +13,11 @@ from typing import Any, Mapping
 from .core import VlmreproError, check_names, load_yaml
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'KINDS', 'CHOICES', 'RUN_PARAMS', 'SHARED_TRAIN_FIELDS', 'SystemEntry', 'register_system', 'repo_root',
-           'get_system', 'find_systems', 'resolve_notebook', 'notebook_parameters', 'parameter_choices',
-           'notebook_presets', 'coerce_value', 'resolve_params', 'config_from_params', 'System', 'system_module',
-           'system_config', 'create_system', 'DataFile', 'DataCheck', 'check_data', 'missing_data', 'format_data_check',
-           'preflight']
+__all__ = ['SYSTEMS', 'KINDS', 'BUILTIN_SYSTEMS', 'CHOICES', 'RUN_PARAMS', 'SHARED_TRAIN_FIELDS', 'SystemEntry',
+           'register_system', 'repo_root', 'get_system', 'find_systems', 'resolve_notebook', 'notebook_parameters',
+           'parameter_choices', 'notebook_presets', 'coerce_value', 'resolve_params', 'config_from_params', 'System',
+           'system_module', 'system_config', 'create_system', 'DataFile', 'DataCheck', 'check_data', 'missing_data',
+           'format_data_check', 'preflight']
 
 # %% ../nbs/04_registry.ipynb #e418476c
 @dataclass(frozen=True)
@@ -38,19 +38,16 @@ def register_system(name: str, module: str | None, notebook: str, kind: str = "p
     SYSTEMS[name] = SystemEntry(name, module or "", notebook, kind, description)
     return SYSTEMS[name]
 
-register_system("00_backbones", None, "papers/00_backbones.ipynb", "zoo", "pretrains and inspects the tiny backbone zoo")
-register_system("quickstart", "vlmrepro.systems.quickstart.system", "papers/quickstart.ipynb", "example",
-                "a tiny CNN run that shows every shared part end to end")
-register_system("blip_vizwiz", "vlmrepro.systems.blip_vizwiz.system", "papers/blip_vizwiz.ipynb", "paper",
-                "BLIP captioners on VizWiz-Captions: zero-shot, full fine-tuning, LoRA")
-register_system("fromage", "vlmrepro.systems.fromage.system", "papers/fromage.ipynb", "paper",
-                "a frozen LM and a frozen CLIP joined by linear maps and a [RET] token")
-register_system("illume", "vlmrepro.systems.illume.system", "papers/illume.ipynb", "paper",
-                "a MAGMA-style VLM tuned on its own critic-filtered explanations")
-register_system("nxtp", "vlmrepro.systems.nxtp.system", "papers/nxtp.ipynb", "paper",
-                "object recognition as next-token prediction with a truncated LLaMA")
-register_system("prismer", "vlmrepro.systems.prismer.system", "papers/prismer.ipynb", "paper",
-                "frozen backbones plus an ensemble of modality experts")
+BUILTIN_SYSTEMS = {   # name -> (contract module, kind, one line); each notebook is nbs/papers/<name>.ipynb
+    "00_backbones": (None, "zoo", "pretrains and inspects the tiny backbone zoo"),
+    "quickstart": ("vlmrepro.systems.quickstart.system", "example", "a tiny CNN run that shows every shared part end to end"),
+    "blip_vizwiz": ("vlmrepro.systems.blip_vizwiz.system", "paper", "BLIP captioners on VizWiz-Captions: zero-shot, full, LoRA"),
+    "fromage": ("vlmrepro.systems.fromage.system", "paper", "a frozen LM and a frozen CLIP joined by linear maps and [RET]"),
+    "illume": ("vlmrepro.systems.illume.system", "paper", "a MAGMA-style VLM tuned on its own critic-filtered explanations"),
+    "nxtp": ("vlmrepro.systems.nxtp.system", "paper", "object recognition as next-token prediction with a truncated LLaMA"),
+    "prismer": ("vlmrepro.systems.prismer.system", "paper", "frozen backbones plus an ensemble of modality experts"),
+}
+for _name, (_module, _kind, _line) in BUILTIN_SYSTEMS.items(): register_system(_name, _module, f"papers/{_name}.ipynb", _kind, _line)
 
 # %% ../nbs/04_registry.ipynb #f9440701
 def repo_root(start: str | os.PathLike | None = None) -> Path:
