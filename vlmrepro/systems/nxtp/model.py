@@ -345,9 +345,10 @@ def generate_list(model: NxTP, pixel_values: torch.Tensor, num_beams: int = 1, m
     "(tokens, probabilities) per image of the label list `generate` continues the prompt with: greedy, or beam search."
     ids, cache = prefix_cache(model, pixel_values)
     if num_beams > 1: cache.batch_repeat_interleave(num_beams)          # generate expands the ids, not a given cache
-    gen = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=1.0,
-                           early_stopping=True, eos_token_id=sorted(_stop_ids(model)), pad_token_id=model.ids["pad"],
-                           return_dict_in_generate=True, output_scores=True, output_logits=num_beams == 1)
+    beam = dict(length_penalty=1.0, early_stopping=True) if num_beams > 1 else {}
+    gen = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=sorted(_stop_ids(model)),
+                           pad_token_id=model.ids["pad"], return_dict_in_generate=True, output_scores=True,
+                           output_logits=num_beams == 1, **beam)
     with bb.quiet_hf():
         out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, generation_config=gen)
     new = out.sequences[:, ids.shape[1]:]
