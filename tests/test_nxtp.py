@@ -235,20 +235,20 @@ def test_meta_llama_download_layout(tmp_path):
 
 @pytest.mark.slow
 def test_short_run_on_the_recognition_world_learns(tmp_path, one_thread):
-    "A short tiny-preset training run on the NxTP world: the loss falls and one-shot labels beat random ones."
+    "A short tiny-preset training run on the NxTP world: the loss falls and the top-10 one-shot labels find far more objects than 10 random labels."
     from vlmrepro.data.shards import ShardDataset
     from vlmrepro.metrics.recognition import LabelEmbedder
     from vlmrepro.registry import create_system
     from vlmrepro.systems.nxtp import system as nxtp_system
     from vlmrepro.train import fit
-    system = create_system("nxtp", {"n_train": 600, "n_val": 40, "max_eval": 40, "epochs": 4, "warmup_min_steps": 10})
+    system = create_system("nxtp", {"n_train": 800, "n_val": 50, "max_eval": 50, "epochs": 12, "min_score": 0.0})
     d = nxtp_system.data(system.cfg)
     loader, n = nxtp_system.train_loader(system.model, system.processors, system.cfg, d.train_shards)
-    assert n == 600                                                  # counted by the reader
+    assert n == 800                                                  # counted by the reader
     result = fit(system.model, loader, nxtp_system.train_config(system.cfg, n), tmp_path/"run", loss_fn=system.loss,
                  optimizer=system.optimizer())
     losses = [r["train/loss"] for r in result.history if "train/loss" in r]
-    assert result.step == 4 * 19 and losses[-1] < 0.8 * losses[0]
+    assert result.step == 12 * 25 and losses[-1] < 0.7 * losses[0]
     val = d.val["synth"]
     refs = nxtp.reference_labels(val)
     embed = LabelEmbedder()
@@ -256,4 +256,4 @@ def test_short_run_on_the_recognition_world_learns(tmp_path, one_thread):
     vocab = nxtp.label_vocabulary(ShardDataset(d.train_shards, decode=False))
     chance = nxtp_system.score(nxtp.random_labels(refs, vocab), refs, 10, embed, "random_", split="synth")
     print({k: round(v, 3) for k, v in ours.items()}, chance)
-    assert ours["synth/exact_f1"] > chance["synth/random_exact_f1"] + 0.05
+    assert ours["synth/exact_recall"] > chance["synth/random_exact_recall"] + 0.15     # both list 10 labels

@@ -31,7 +31,7 @@ def world_texts(seed: int, n: int, image_size: int = 64) -> list[str]:
     return out
 
 @register("nxtp-llama", "causal-lm", "LLaMA-architecture causal LM + BPE on the NxTP world's captions and label lists",
-          recipe_version=1, seed=0, n_train=1500, n_val=100, image_size=64, vocab_size=512, width=64, layers=2,
+          recipe_version=2, seed=0, n_train=1500, n_val=100, image_size=64, vocab_size=512, width=64, layers=2,
           max_len=48, steps=200, batch_size=48, lr=3e-3)
 def train_nxtp_llama(out: Path, p: dict) -> dict:
     texts = world_texts(p["seed"], p["n_train"], p["image_size"])
@@ -50,8 +50,8 @@ def train_nxtp_llama(out: Path, p: dict) -> dict:
 
 # %% ../../../nbs/53_nxtp_zoo.ipynb #3f83ed56
 @register("nxtp-clip", "clip", "CLIP ViT (patch 16) + text tower, contrastive on the NxTP world's images and captions",
-          recipe_version=1, seed=0, n_train=2000, n_val=200, image_size=64, vocab_size=512, width=64, layers=3,
-          patch_size=16, steps=400, batch_size=128, lr=2e-3)
+          recipe_version=3, seed=0, n_train=4000, n_val=200, image_size=64, vocab_size=512, width=64, layers=3,
+          patch_size=16, steps=1000, batch_size=128, lr=2e-3)
 def train_nxtp_clip(out: Path, p: dict) -> dict:
     from transformers import CLIPModel, CLIPProcessor
     seed = p["seed"] + 1000
