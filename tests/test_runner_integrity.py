@@ -360,12 +360,11 @@ def test_nxtp_and_quickstart_describe_their_data(tmp_path):
     assert check_data("quickstart") == []
     assert check_data("nxtp") == []                                             # the synthetic world: written, not read
     rows = check_data("nxtp", {"data_root": str(tmp_path)})
-    assert [(r.file.path, r.file.pattern) for r in rows] == [
-        (str(tmp_path/"shards/train"), "*.tar"), (str(tmp_path/"shards/train"), "*_stats.json"), (str(tmp_path/"shards/val"), "*.tar")]
+    assert [(r.file.path, r.file.pattern) for r in rows] == [(str(tmp_path/"shards/train"), "*.tar"), (str(tmp_path/"shards/val"), "*.tar")]
     assert not any(r.present for r in rows)
-    for d in ("shards/train", "shards/val"): (tmp_path/d).mkdir(parents=True); (tmp_path/d/"00000.tar").write_bytes(b"")
-    assert [r.present for r in check_data("nxtp", {"data_root": str(tmp_path)})] == [True, False, True]
-    (tmp_path/"shards/train/00000_stats.json").write_text("{}")
+    (tmp_path/"shards/train").mkdir(parents=True); (tmp_path/"shards/train/00000.tar").write_bytes(b"")
+    assert [r.present for r in check_data("nxtp", {"data_root": str(tmp_path)})] == [True, False]
+    (tmp_path/"shards/val").mkdir(parents=True); (tmp_path/"shards/val/00000.tar").write_bytes(b"")
     assert all(r.present for r in check_data("nxtp", {"data_root": str(tmp_path)}))
 
 

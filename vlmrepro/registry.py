@@ -16,8 +16,8 @@ from .core import VlmreproError, check_names, load_yaml
 __all__ = ['SYSTEMS', 'KINDS', 'BUILTIN_SYSTEMS', 'CHOICES', 'RUN_PARAMS', 'SHARED_TRAIN_FIELDS', 'SystemEntry',
            'register_system', 'repo_root', 'get_system', 'find_systems', 'resolve_notebook', 'notebook_parameters',
            'parameter_choices', 'notebook_presets', 'coerce_value', 'resolve_params', 'config_from_params', 'System',
-           'system_module', 'system_config', 'create_system', 'DataFile', 'DataCheck', 'check_data', 'missing_data',
-           'format_data_check', 'preflight']
+           'system_module', 'system_config', 'create_system', 'DataFile', 'DataCheck', 'check_data', 'as_data_file',
+           'missing_data', 'format_data_check', 'preflight']
 
 # %% ../nbs/04_registry.ipynb #e418476c
 @dataclass(frozen=True)
@@ -312,7 +312,13 @@ def check_data(name: str, params: Mapping | None = None, preset: str | None = No
     "Every file system `name` reads for these parameters, looked up on disk (None: its system.py has no `data_files`)."
     mod = system_module(name)
     if not hasattr(mod, "data_files"): return None
-    return [_look(f) for f in mod.data_files(system_config(name, params, preset))]
+    return [_look(as_data_file(f)) for f in mod.data_files(system_config(name, params, preset))]
+
+def as_data_file(f) -> DataFile:
+    "A `DataFile` from one item of `data_files`: a DataFile, or a dict with path, format and optionally required and pattern."
+    if isinstance(f, DataFile): return f
+    try: return DataFile(str(f["path"]), f["format"], f.get("required", True), f.get("pattern"))
+    except (KeyError, TypeError): raise VlmreproError(f"data_files gave {f!r}; each item needs 'path' and 'format'") from None
 
 def missing_data(rows: list[DataCheck] | None) -> list[DataCheck]:
     "The required files among `rows` that are not there."

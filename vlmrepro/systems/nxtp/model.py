@@ -4,13 +4,14 @@
 
 # %% ../../../nbs/50_nxtp_model.ipynb #f2bbe7b3
 from __future__ import annotations
-import math, os, random, time
+import functools, math, os, random, time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutput
 
 from ...core import VlmreproError, atomic_write, write_json
@@ -20,10 +21,11 @@ from ...metrics.recognition import evaluate_recognition, extract_labels
 from ... import backbones as bb
 
 # %% auto #0
-__all__ = ['PROMPT', 'PROMPT_TEMPLATES', 'IMAGE_TOKEN', 'EMPTY_TOKEN', 'DECODERS', 'delimiter_ids', 'label_segments',
-           'nxtp_attention_mask', 'vit', 'NxTP', 'untie_head', 'set_upstream_trainable', 'nxtp_param_groups',
-           'nxtp_optimizer', 'build_nxtp', 'paper_nxtp', 'NxTPCollator', 'nxtp_loss', 'score_labels', 'one_shot_decode',
-           'split_list', 'greedy_tokens', 'greedy_decode', 'beam_decode', 'warmup_steps', 'predict', 'reference_labels',
+__all__ = ['PROMPT', 'PROMPT_TEMPLATES', 'IMAGE_TOKEN', 'EMPTY_TOKEN', 'NEW_ROWS', 'DECODERS', 'delimiter_ids', 'label_segments',
+           'nxtp_attention_mask', 'vit', 'NxTP', 'untie_head', 'init_new_rows', 'set_upstream_trainable',
+           'nxtp_param_groups', 'nxtp_optimizer', 'build_nxtp', 'paper_nxtp', 'caption_labels', 'NxTPCollator',
+           'nxtp_loss', 'score_labels', 'one_shot_decode', 'split_list', 'prefix_cache', 'generate_list',
+           'greedy_decode', 'beam_decode', 'warmup_steps', 'predict', 'cut_labels', 'reference_labels',
            'evaluate_labels', 'label_vocabulary', 'random_labels']
 
 # %% ../../../nbs/50_nxtp_model.ipynb #fe2e821d
@@ -87,9 +89,11 @@ def vit(vision: nn.Module) -> nn.Module:
 
 class NxTP(nn.Module):
     "CLIP ViT patch tokens -> bias-free projection -> truncated causal LM that continues the prompt with object labels."
-    def __init__(self, vision: nn.Module, lm: nn.Module, ids: dict, tokenizer=None, prompt: str = PROMPT):
+    def __init__(self, vision: nn.Module, lm: nn.Module, ids: dict, tokenizer=None, prompt: str = PROMPT,
+                 label_mask: bool = True, upstream_last_label: bool = False):
         super().__init__()
         self.vision, self.lm, self.tokenizer, self.prompt = vision, lm, tokenizer, prompt
+        self.label_mask, self.upstream_last_label = label_mask, upstream_last_label   # the mask's two switches
         self.proj = nn.Linear(vision.config.hidden_size, lm.get_input_embeddings().embedding_dim, bias=False)
         self.ids = dict(ids)     # image, pad, bos, are, comma
         self.prompt_ids = _ids(tokenizer, prompt) if tokenizer is not None else []
@@ -119,22 +123,24 @@ class NxTP(nn.Module):
         raise VlmreproError(f"NxTP's attention mask needs attn_implementation 'sdpa' or 'eager', the LM uses {impl!r}; "
                             f"load it with attn_implementation='sdpa'")
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, label_mask: bool = True) -> CausalLMOutput:
+    def forward(self, pixel_values, input_ids, attention_mask=None) -> CausalLMOutput:
         "Loss and text logits for `input_ids` = [<|image|>, <s>, prompt, labels ...] after the image tokens."
         img = self.encode_images(pixel_values)                             # (B, N, d)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         x = torch.cat([img, self.embed(input_ids).to(img.dtype)], 1)       # (B, N + T, d)
-        allowed = nxtp_attention_mask(input_ids, img.shape[1], self.ids["are"], self.ids["comma"], valid, label_mask)
+        allowed = nxtp_attention_mask(input_ids, img.shape[1], self.ids["are"], self.ids["comma"], valid, self.label_mask,
+                                      self.upstream_last_label)
         logits, _ = self.lm_forward(x, allowed, keep=input_ids.shape[1])  # (B, T, V): text positions only
         targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def prefix(self, pixel_values: torch.Tensor, prompt_ids: list[int] | None = None):
-        "(embeddings, mask) of [image tokens] <|image|> <s> prompt: causal, image block bidirectional."
+    def prefix(self, pixel_values: torch.Tensor, prompt_ids: list[int] | None = None, return_ids: bool = False):
+        "(embeddings, mask[, text ids]) of [image tokens] <|image|> <s> prompt: causal, image block bidirectional."
         img = self.encode_images(pixel_values)
         ids = torch.tensor([[self.ids["image"], self.ids["bos"]] + list(prompt_ids or self.prompt_ids)], device=img.device).expand(len(img), -1)
-        return torch.cat([img, self.embed(ids).to(img.dtype)], 1), nxtp_attention_mask(ids, img.shape[1], label_mask=False)
+        out = torch.cat([img, self.embed(ids).to(img.dtype)], 1), nxtp_attention_mask(ids, img.shape[1], label_mask=False)
+        return (*out, ids) if return_ids else out
 
 # %% ../../../nbs/50_nxtp_model.ipynb #c0ba9623
 def untie_head(lm: nn.Module) -> nn.Module:
@@ -145,6 +151,20 @@ def untie_head(lm: nn.Module) -> nn.Module:
         lm.config.tie_word_embeddings = False
         if hasattr(lm.config, "get_text_config"): lm.config.get_text_config().tie_word_embeddings = False
     return lm
+
+NEW_ROWS = ("mean", "normal")
+
+def init_new_rows(lm: nn.Module, image_id: int, pad_id: int, scheme: str = "mean") -> None:
+    "Initialise the rows of <|image|> and <|empty|>: 'mean' keeps transformers' mean-resize, 'normal' is upstream's."
+    if scheme not in NEW_ROWS: raise VlmreproError(f"new_rows must be one of {', '.join(NEW_ROWS)}, got {scheme!r}")
+    if scheme == "mean": return
+    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    if head is emb: raise VlmreproError("init_new_rows needs an untied head (call untie_head first)")
+    with torch.no_grad():                       # upstream load_llama: N(0, 1) input rows; head: kaiming for
+        emb[[image_id, pad_id]] = torch.randn(2, emb.shape[1], dtype=emb.dtype, device=emb.device)   # <|image|>, 0 for <|empty|>
+        bound = 1 / math.sqrt(head.shape[1])    # kaiming_uniform_(a=sqrt(5)) on a (rows, d) matrix: U(-1/sqrt(d), 1/sqrt(d))
+        head[image_id] = torch.empty(head.shape[1], dtype=head.dtype, device=head.device).uniform_(-bound, bound)
+        head[pad_id] = 0
 
 def set_upstream_trainable(model: NxTP, n_vision_blocks: int = 6) -> dict:
     "Freeze `model` except upstream's trainable set; return {part: trainable parameters}."
@@ -187,11 +207,12 @@ def nxtp_optimizer(model: NxTP, cfg) -> torch.optim.AdamW:
 
 # %% ../../../nbs/50_nxtp_model.ipynb #872802db
 def build_nxtp(vision: str = "tiny-clip", lm: str = "tiny-llama", n_lm_blocks: int | None = None,
-               n_vision_blocks: int = 6, prompt: str = PROMPT, seed: int = 0, **lm_kwargs):
-    "(NxTP model, tokenizer, image processor) from backbone names, with upstream's trainable set."
+               n_vision_blocks: int = 6, prompt: str = PROMPT, seed: int = 0, new_rows: str = "mean",
+               label_mask: bool = True, upstream_last_label: bool = False, load_lm=None, **lm_kwargs):
+    "(NxTP model, tokenizer, image processor) from backbone names (the LM through `load_lm`), with upstream's trainable set."
     with bb.quiet_hf():
         vis, processor = bb.vision_tower(vision)
-        lm_model, tok = bb.causal_lm(lm, n_blocks=n_lm_blocks, **({"attn_implementation": "sdpa"} | lm_kwargs))
+        lm_model, tok = (load_lm or bb.causal_lm)(lm, n_blocks=n_lm_blocks, **({"attn_implementation": "sdpa"} | lm_kwargs))
         image_id, pad_id = bb.add_special_tokens(lm_model, tok, [IMAGE_TOKEN, EMPTY_TOKEN], train_rows_only=False)
     tok.pad_token = EMPTY_TOKEN
     untie_head(lm_model)
@@ -199,7 +220,9 @@ def build_nxtp(vision: str = "tiny-clip", lm: str = "tiny-llama", n_lm_blocks: i
     if bos is None: raise VlmreproError(f"{lm!r}'s tokenizer has neither a bos nor an eos token to start the text with")
     are, comma = delimiter_ids(tok, prompt)
     torch.manual_seed(seed)
-    model = NxTP(vis, lm_model, dict(image=image_id, pad=pad_id, bos=bos, are=are, comma=comma), tok, prompt)
+    init_new_rows(lm_model, image_id, pad_id, new_rows)
+    model = NxTP(vis, lm_model, dict(image=image_id, pad=pad_id, bos=bos, are=are, comma=comma), tok, prompt,
+                 label_mask, upstream_last_label)
     model.trainable_parts = set_upstream_trainable(model, n_vision_blocks)
     return model, tok, processor
 
@@ -217,28 +240,35 @@ def paper_nxtp(device: str = "meta", n_lm_blocks: int = 6, n_vision_blocks: int 
     return model
 
 # %% ../../../nbs/50_nxtp_model.ipynb #9bc0073b
+@functools.lru_cache(maxsize=None)
+def caption_labels(captions: tuple[str, ...], word_boundary: bool = True) -> tuple[str, ...]:
+    "The nouns of a caption set, extracted once per process (NLTK's tagger is the slowest part of a batch)."
+    return tuple(extract_labels(list(captions), word_boundary)) if captions else ()
+
 class NxTPCollator:
     "Samples with captions -> {pixel_values, input_ids: [<|image|>, <s>, prompt, ' l1, l2, ...'], attention_mask}."
-    def __init__(self, model: NxTP, processor, prompts=(PROMPT,), max_text_len: int = 256, rng=random):
+    def __init__(self, model: NxTP, processor, prompts=(PROMPT,), max_text_len: int = 256, rng=random,
+                 prompt_per_sample: bool = True, word_boundary: bool = True):
         self.tok, self.processor, self.prompts, self.max_text_len, self.rng = model.tokenizer, processor, tuple(prompts), max_text_len, rng
-        self.ids, self.cache = model.ids, {}
+        self.prompt_per_sample, self.word_boundary = prompt_per_sample, word_boundary
+        self.ids = model.ids
         for p in self.prompts: delimiter_ids(self.tok, p)                  # every template must end with 'are'
 
     def labels(self, sample) -> list[str]:
         "The sample's noun labels (extracted once per caption set)."
-        key = tuple(sample.captions)
-        if key not in self.cache: self.cache[key] = extract_labels(list(key)) if key else []
-        return self.cache[key]
+        return list(caption_labels(tuple(sample.captions), self.word_boundary))
 
-    def text(self, sample) -> str:
+    def pick_prompt(self) -> str: return self.prompts[0] if len(self.prompts) == 1 else self.rng.choice(self.prompts)
+
+    def text(self, sample, prompt: str | None = None) -> str:
         labels = list(self.labels(sample)); self.rng.shuffle(labels)
-        prompt = self.prompts[0] if len(self.prompts) == 1 else self.rng.choice(self.prompts)
-        return prompt + (" " + ", ".join(labels) if labels else "")
+        return (prompt or self.pick_prompt()) + (" " + ", ".join(labels) if labels else "")
 
     def __call__(self, items) -> dict:
         good, bad = drop_bad(items)
         if not good: raise VlmreproError(f"every sample of a batch was unreadable, e.g. {[f'{d.source}: {d.reason}' for d in bad[:3]]}")
-        rows = [([self.ids["image"], self.ids["bos"]] + _ids(self.tok, self.text(s)))[:self.max_text_len] for s in good]
+        shared = None if self.prompt_per_sample else self.pick_prompt()        # upstream: one template per batch
+        rows = [([self.ids["image"], self.ids["bos"]] + _ids(self.tok, self.text(s, shared)))[:self.max_text_len] for s in good]
         T = max(map(len, rows))
         return {"pixel_values": image_batch([s.load() for s in good], self.processor),
                 "input_ids": torch.tensor([r + [self.ids["pad"]] * (T - len(r)) for r in rows]),
@@ -303,70 +333,49 @@ def split_list(toks: list[int], probs: list[float], comma_id: int, stop_ids=()) 
     return out_t, out_p
 
 @torch.no_grad()
-def greedy_tokens(model: NxTP, pixel_values: torch.Tensor, max_new_tokens: int = 64) -> tuple[list, list]:
-    "(tokens, probabilities) per image of one greedily generated continuation of the prompt, until a stop token."
-    x, allowed = model.prefix(pixel_values)
-    logits, cache = model.lm_forward(x, allowed.to(x.device), use_cache=True, keep=1)
-    stop_t = torch.tensor(sorted(_stop_ids(model)), device=x.device)
-    toks, probs, stopped = [], [], torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(max_new_tokens):
-        p, t = logits[:, -1].float().softmax(-1).max(-1)
-        toks.append(t); probs.append(p); stopped |= torch.isin(t, stop_t)
-        if stopped.all(): break
-        logits, cache = model.lm_forward(model.embed(t[:, None]).to(x.dtype), cache=cache, keep=1)
-    return torch.stack(toks, 1).tolist(), torch.stack(probs, 1).tolist()
+def prefix_cache(model: NxTP, pixel_values: torch.Tensor):
+    "(ids (B, L) with placeholders for the image, KV cache of the first L - 1 positions under NxTP's mask) for `generate`."
+    x, allowed, text = model.prefix(pixel_values, return_ids=True)
+    _, cache = model.lm_forward(x[:, :-1], allowed[:, :-1, :-1].to(x.device), use_cache=True, keep=1)
+    image = torch.full((len(x), x.shape[1] - text.shape[1]), model.ids["pad"], dtype=text.dtype, device=text.device)
+    return torch.cat([image, text], 1), cache
+
+@torch.no_grad()
+def generate_list(model: NxTP, pixel_values: torch.Tensor, num_beams: int = 1, max_new_tokens: int = 64) -> tuple[list, list]:
+    "(tokens, probabilities) per image of the label list `generate` continues the prompt with: greedy, or beam search."
+    ids, cache = prefix_cache(model, pixel_values)
+    if num_beams > 1: cache.batch_repeat_interleave(num_beams)          # generate expands the ids, not a given cache
+    beam = dict(length_penalty=1.0, early_stopping=True) if num_beams > 1 else {}
+    gen = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=sorted(_stop_ids(model)),
+                           pad_token_id=model.ids["pad"], return_dict_in_generate=True, output_scores=True,
+                           output_logits=num_beams == 1, **beam)
+    with bb.quiet_hf():
+        out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, generation_config=gen)
+    new = out.sequences[:, ids.shape[1]:]
+    if num_beams == 1: logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
+    else: logp = model.lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+    return new.tolist(), logp.exp().tolist()
 
 def greedy_decode(model: NxTP, pixel_values: torch.Tensor, k: int = 10, max_new_tokens: int = 64) -> list[list[tuple[str, float]]]:
     "Top-k (label, score) per image from one greedily generated label list."
     stop, comma = _stop_ids(model), model.ids["comma"]
     return [score_labels(model.tokenizer, *split_list(t, p, comma, stop), comma, k)
-            for t, p in zip(*greedy_tokens(model, pixel_values, max_new_tokens))]
+            for t, p in zip(*generate_list(model, pixel_values, 1, max_new_tokens))]
 
-@torch.no_grad()
 def beam_decode(model: NxTP, pixel_values: torch.Tensor, k: int = 10, beam_size: int = 3,
                 max_new_tokens: int = 64) -> list[list[tuple[str, float]]]:
     "(label, score) per image, in generation order, from the best of `beam_size` beams (length-normalised log-prob)."
-    x, allowed = model.prefix(pixel_values)
-    B, nb, comma, stop = len(x), beam_size, model.ids["comma"], _stop_ids(model)
-    logits, cache = model.lm_forward(x, allowed.to(x.device), use_cache=True, keep=1)
-    cache.batch_repeat_interleave(nb)
-    logp = logits[:, -1].float().log_softmax(-1).repeat_interleave(nb, 0)  # (B * nb, V)
-    total = torch.zeros(B, nb, device=x.device); total[:, 1:] = -float("inf")   # the nb copies start as one beam
-    seqs, lps, finished = [[] for _ in range(B * nb)], [[] for _ in range(B * nb)], [{} for _ in range(B)]
-    for _ in range(max_new_tokens):
-        V = logp.shape[-1]
-        top, idx = (total.view(-1, 1) + logp).view(B, nb * V).topk(min(3 * nb, nb * V), -1)   # enough non-stop candidates
-        src, nxt, new_total = [], [], []
-        for b in range(B):
-            kept = 0
-            for s, i in zip(top[b].tolist(), idx[b].tolist()):
-                r, t = b * nb + i // V, i % V
-                if t in stop:
-                    if len(finished[b]) < nb: finished[b][tuple(seqs[r] + [t])] = (s / (len(seqs[r]) + 1), lps[r] + [logp[r, t].item()])
-                    continue
-                src.append(r); nxt.append(t); new_total.append(s); kept += 1
-                if kept == nb: break
-        seqs = [seqs[r] + [t] for r, t in zip(src, nxt)]; lps = [lps[r] + [logp[r, t].item()] for r, t in zip(src, nxt)]
-        total = torch.tensor(new_total, device=x.device).view(B, nb)
-        if all(len(f) >= nb for f in finished): break
-        cache.reorder_cache(torch.tensor(src, device=x.device))
-        logits, cache = model.lm_forward(model.embed(torch.tensor(nxt, device=x.device)[:, None]).to(x.dtype), cache=cache, keep=1)
-        logp = logits[:, -1].float().log_softmax(-1)
-    out = []
-    for b in range(B):
-        cands = dict(finished[b])
-        for j in sorted(range(nb), key=lambda j: -total[b, j].item()):      # not enough finished: the best unfinished
-            if len(cands) >= nb: break
-            r = b * nb + j; cands.setdefault(tuple(seqs[r]), (total[b, j].item() / max(1, len(seqs[r])), lps[r]))
-        best, (_, lp) = max(cands.items(), key=lambda kv: kv[1][0])
+    stop, comma, out = _stop_ids(model), model.ids["comma"], []
+    for toks, probs in zip(*generate_list(model, pixel_values, beam_size, max_new_tokens)):
         labels = {}
-        for t, p in zip(*split_list(list(best), [math.exp(v) for v in lp], comma, stop)):
+        for t, p in zip(*split_list(toks, probs, comma, stop)):
             lab = model.tokenizer.decode(t[:-1]).strip()
             if lab and lab not in labels: labels[lab] = math.prod(p)
         out.append(list(labels.items())[:k])
     return out
 
 DECODERS = {"one_shot": one_shot_decode, "greedy": greedy_decode, "beam": beam_decode}
+
 
 # %% ../../../nbs/50_nxtp_model.ipynb #e7bc9f86
 def warmup_steps(total: int, ratio: float = 0.002, minimum: int = 2000) -> int:
@@ -377,8 +386,8 @@ def warmup_steps(total: int, ratio: float = 0.002, minimum: int = 2000) -> int:
 # %% ../../../nbs/50_nxtp_model.ipynb #3dcc02f8
 @torch.no_grad()
 def predict(model: NxTP, processor, samples, method: str = "one_shot", k: int = 10, batch_size: int = 16,
-            **kw) -> dict:
-    "{image_id: [(label, score), ...]} for `samples` with decoder `method` ('one_shot', 'greedy' or 'beam')."
+            min_score: float = 0.0, **kw) -> dict:
+    "{image_id: [(label, score), ...]} for `samples` with decoder `method`; labels under `min_score` dropped (the best kept)."
     if method not in DECODERS: raise VlmreproError(f"unknown decoding method {method!r}; valid: {', '.join(DECODERS)}")
     was = model.training; model.eval(); out = {}
     device = next(model.parameters()).device
@@ -386,12 +395,17 @@ def predict(model: NxTP, processor, samples, method: str = "one_shot", k: int = 
         chunk = samples[i:i + batch_size]
         pv = image_batch([s.load() for s in chunk], processor).to(device)
         out.update(zip([s.image_id for s in chunk], DECODERS[method](model, pv, k=k, **kw)))
+    if min_score > 0: out = {i: cut_labels(v, min_score) for i, v in out.items()}
     model.train(was)
     return out
 
+def cut_labels(ranked: list[tuple[str, float]], min_score: float) -> list[tuple[str, float]]:
+    "The labels scoring at least `min_score`, in rank order; the top one is always kept (an image shows something)."
+    return [x for j, x in enumerate(ranked) if j == 0 or x[1] >= min_score]
+
 def reference_labels(samples) -> dict:
     "{image_id: nouns of all the sample's captions joined} (the ground truth of the metric)."
-    return {s.image_id: extract_labels(list(s.captions)) for s in samples}
+    return {s.image_id: list(caption_labels(tuple(s.captions))) for s in samples}
 
 def evaluate_labels(predictions: dict, references: dict, k: int = 10, embed=None) -> dict:
     "R / P / F1 at top-k of {image_id: [(label, score)] or [label]} against {image_id: [reference labels]}."
@@ -402,7 +416,7 @@ def label_vocabulary(samples) -> dict[str, int]:
     "Training labels (nouns of the captions) with their counts, most frequent first."
     counts = defaultdict(int)
     for s in samples:
-        for l in extract_labels(list(s.captions)): counts[l] += 1
+        for l in caption_labels(tuple(s.captions)): counts[l] += 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 def random_labels(image_ids, vocabulary, k: int = 10, seed: int = 0) -> dict:
