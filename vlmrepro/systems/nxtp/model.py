@@ -23,9 +23,9 @@ from ... import backbones as bb
 # %% auto #0
 __all__ = ['PROMPT', 'PROMPT_TEMPLATES', 'IMAGE_TOKEN', 'EMPTY_TOKEN', 'NEW_ROWS', 'DECODERS', 'delimiter_ids', 'label_segments',
            'nxtp_attention_mask', 'vit', 'NxTP', 'untie_head', 'init_new_rows', 'set_upstream_trainable',
-           'nxtp_param_groups', 'nxtp_optimizer', 'build_nxtp', 'paper_nxtp', 'caption_labels', 'NxTPCollator',
-           'nxtp_loss', 'score_labels', 'one_shot_decode', 'split_list', 'prefix_cache', 'generate_list',
-           'greedy_decode', 'beam_decode', 'warmup_steps', 'predict', 'cut_labels', 'reference_labels',
+           'nxtp_param_groups', 'nxtp_optimizer', 'build_nxtp', 'paper_nxtp', 'caption_labels', 'sample_key',
+           'NxTPCollator', 'nxtp_loss', 'score_labels', 'one_shot_decode', 'split_list', 'prefix_cache',
+           'generate_list', 'greedy_decode', 'beam_decode', 'warmup_steps', 'predict', 'cut_labels', 'reference_labels',
            'evaluate_labels', 'label_vocabulary', 'random_labels']
 
 # %% ../../../nbs/50_nxtp_model.ipynb #fe2e821d
@@ -245,18 +245,24 @@ def caption_labels(captions: tuple[str, ...], word_boundary: bool = True) -> tup
     "The nouns of a caption set, extracted once per process (NLTK's tagger is the slowest part of a batch)."
     return tuple(extract_labels(list(captions), word_boundary)) if captions else ()
 
+def sample_key(sample) -> str:
+    "What tells two training samples apart in any shards: the image's path (shard:key for plain tars), else its id."
+    return str(sample.image_path or sample.image_id)
+
 class NxTPCollator:
     "Samples with captions -> {pixel_values, input_ids: [<|image|>, <s>, prompt, ' l1, l2, ...'], attention_mask}."
     def __init__(self, model: NxTP, processor, prompts=(PROMPT,), max_text_len: int = 256, rng=random,
-                 prompt_per_sample: bool = True, word_boundary: bool = True):
+                 prompt_per_sample: bool = True, word_boundary: bool = True, captions_for: dict | None = None):
         self.tok, self.processor, self.prompts, self.max_text_len, self.rng = model.tokenizer, processor, tuple(prompts), max_text_len, rng
         self.prompt_per_sample, self.word_boundary = prompt_per_sample, word_boundary
+        self.captions_for = captions_for             # sample key -> the captions to train it on (the shuffled-pairs control)
         self.ids = model.ids
         for p in self.prompts: delimiter_ids(self.tok, p)                  # every template must end with 'are'
 
     def labels(self, sample) -> list[str]:
         "The sample's noun labels (extracted once per caption set)."
-        return list(caption_labels(tuple(sample.captions), self.word_boundary))
+        captions = sample.captions if self.captions_for is None else self.captions_for[sample_key(sample)]
+        return list(caption_labels(tuple(captions), self.word_boundary))
 
     def pick_prompt(self) -> str: return self.prompts[0] if len(self.prompts) == 1 else self.rng.choice(self.prompts)
 

@@ -8,6 +8,7 @@ import math, random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...core import VlmreproError
@@ -15,14 +16,14 @@ from ...data.records import Dropped
 from ...data.shards import ShardDataset
 from .convert import causal_lm_any, is_meta_llama_dir, load_converted, meta_llama_files
 from .model import (DECODERS, PROMPT, PROMPT_TEMPLATES, NxTPCollator, build_nxtp, evaluate_labels,
-                                         nxtp_loss, nxtp_optimizer, predict, reference_labels, warmup_steps)
+                                         nxtp_loss, nxtp_optimizer, predict, reference_labels, sample_key, warmup_steps)
 from .world import object_world
 from ...train import TrainConfig
 
 # %% auto #0
 __all__ = ['NOTEBOOK_ONLY', 'PLACEHOLDER', 'SHARD_FORMAT', 'DATA_LAYOUT', 'LM_LAYOUT', 'loss', 'Config', 'prompts',
-           'refuse_placeholder', 'data_files', 'build', 'optimizer', 'Data', 'data', 'train_loader', 'train_config',
-           'exact_rpf', 'score', 'evaluate']
+           'refuse_placeholder', 'data_files', 'build', 'optimizer', 'Data', 'data', 'shuffled_captions',
+           'train_loader', 'train_config', 'exact_rpf', 'score', 'evaluate']
 
 # %% ../../../nbs/59_nxtp_system.ipynb #6ba6b641
 @dataclass
@@ -43,6 +44,7 @@ class Config:
     warmup_min_steps: int = 20
     prompt_augmentation: bool = False      # upstream's 10 prompt templates in training
     prompt_per_sample: bool = True         # False: one template per batch, as upstream
+    shuffle_pairs: bool = False            # the control: train each image on another image's captions
     word_boundary: bool = True             # False: noise words removed as substrings, as upstream
     label_mask: bool = True                # the non-causal label mask (False: plain causal attention over the labels)
     upstream_last_label: bool = False      # True: upstream's mask for the label after the last comma
@@ -132,11 +134,18 @@ def data(cfg: Config) -> Data:
         val[name] = samples[:cfg.max_eval] if cfg.max_eval else samples
     return Data(root, [str(root/s) for s in cfg.train_splits], val)
 
+def shuffled_captions(shards, seed: int) -> dict[str, list[str]]:
+    "Every training sample's key -> the captions of another sample (one seeded permutation): labels that say nothing of the image."
+    metas = [s for s in ShardDataset(shards, decode=False) if not isinstance(s, Dropped)]
+    perm = np.random.default_rng([seed, 7, 99]).permutation(len(metas))
+    return {sample_key(m): list(metas[p].captions) for m, p in zip(metas, perm)}
+
 def train_loader(model, processors, cfg: Config, shards: list[str]) -> tuple[torch.utils.data.DataLoader, int | None]:
     "(DataLoader streaming `shards` through the collator, number of samples the shards hold)."
     ds = ShardDataset(shards, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.train.seed)
+    captions = shuffled_captions(shards, cfg.train.seed) if cfg.shuffle_pairs else None
     collate = NxTPCollator(model, processors["image_processor"], prompts(cfg), rng=random.Random(cfg.train.seed),
-                           prompt_per_sample=cfg.prompt_per_sample, word_boundary=cfg.word_boundary)
+                           prompt_per_sample=cfg.prompt_per_sample, word_boundary=cfg.word_boundary, captions_for=captions)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, collate_fn=collate), ds.total_samples()
 
 def train_config(cfg: Config, n_samples: int | None) -> TrainConfig:

@@ -59,7 +59,7 @@ def object_scene(seed: int, split: str = "train", index: int = 0, image_size: in
     return sc
 
 # %% ../../../nbs/51_nxtp_world.ipynb #7f53f7a1
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 def _jpeg(image) -> bytes:
     buf = io.BytesIO(); image.save(buf, format="JPEG", quality=92); return buf.getvalue()
@@ -70,19 +70,14 @@ def _sample(sc, jpeg: bytes, captions: list[str], labels: list[str]) -> Sample:
 
 def write_object_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, image_size: int = 64,
                        seed: int = 0, shard_size: int = 100) -> Path:
-    "Render the world and write shards/train, shards/train_shuffled and shards/val under `out`; returns `out`."
+    "Render the world and write shards/train and shards/val under `out`; returns `out`."
     for k, v in {"n_train": n_train, "n_val": n_val, "seed": seed}.items():
         if not isinstance(v, int) or v < 0: raise VlmreproError(f"{k} must be a non-negative integer, got {v!r}")
     if image_size < 32: raise VlmreproError(f"image_size must be at least 32 px, got {image_size}")
     root, t0 = ensure_writable_dir(out, "NxTP world directory"), time.time()
     for split, n in (("train", n_train), ("val", n_val)):
         scenes = [object_scene(seed, split, i, image_size) for i in range(n)]
-        jpegs = [_jpeg(s.image) for s in scenes]
-        write_shards((_sample(s, j, s.captions, s.labels) for s, j in zip(scenes, jpegs)), root/"shards"/split, shard_size)
-        if split == "train":
-            perm = np.random.default_rng([seed, 7, 99]).permutation(n)
-            write_shards((_sample(s, j, scenes[p].captions, scenes[p].labels) for s, j, p in zip(scenes, jpegs, perm)),
-                         root/"shards"/"train_shuffled", shard_size)
+        write_shards((_sample(s, _jpeg(s.image), s.captions, s.labels) for s in scenes), root/"shards"/split, shard_size)
     write_json(root/"world.json", {"generator": "vlmrepro.systems.nxtp.world", "version": WORLD_VERSION, "seed": seed,
                                    "image_size": image_size, "counts": {"train": n_train, "val": n_val},
                                    "classes": len(CLASSES), "seconds": round(time.time() - t0, 2)})
