@@ -21,9 +21,10 @@ from .shards import clear_output_dir, write_shards
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'WORDS', 'CLASSES', 'SYNONYMS', 'NUMBER_WORDS', 'PRECANNED', 'SPLIT_BASE',
            'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'WORLD_FILES', 'Obj', 'Scene', 'layout_scene',
-           'shape_polygon', 'object_mask', 'render_scene', 'oracle_maps', 'make_captions', 'vizwiz_captions',
-           'vizwiz_annotations', 'noisy_answers', 'make_questions', 'make_scene', 'caption_sample', 'vqa_samples',
-           'synth_scenes', 'synth_samples', 'write_split', 'write_world', 'synthetic_world', 'world_digest']
+           'shape_polygon', 'object_mask', 'load_font', 'render_scene', 'oracle_maps', 'make_captions',
+           'vizwiz_captions', 'vizwiz_annotations', 'noisy_answers', 'make_questions', 'make_scene', 'caption_sample',
+           'vqa_samples', 'synth_scenes', 'synth_samples', 'coco_caption_json', 'vqa_jsons', 'prismer_lists',
+           'write_split', 'write_world', 'synthetic_world', 'world_digest']
 
 # %% ../../nbs/12_data_synth.ipynb #161c39b4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -121,7 +122,7 @@ def object_mask(o: Obj, size: int) -> np.ndarray:
 
 # %% ../../nbs/12_data_synth.ipynb #bcb57aad
 _FONTS = {}
-def _font(px: int):
+def load_font(px: int):
     if px not in _FONTS: _FONTS[px] = ImageFont.load_default(size=px)
     return _FONTS[px]
 
@@ -151,7 +152,7 @@ def render_scene(sc: Scene, rng: np.random.Generator, experts: bool = True) -> S
     if sc.word:
         x0, y0, x1, y1 = sc.word_box
         dr.rectangle(sc.word_box, fill=(250, 250, 250), outline=(40, 40, 40))
-        dr.text(((x0 + x1) / 2, (y0 + y1) / 2), sc.word.upper(), fill=(20, 20, 20), font=_font(max(6, int(s * 0.12))), anchor="mm")
+        dr.text(((x0 + x1) / 2, (y0 + y1) / 2), sc.word.upper(), fill=(20, 20, 20), font=load_font(max(6, int(s * 0.12))), anchor="mm")
     arr = np.asarray(img).astype(np.int16) + rng.normal(0, 6, size=(s, s, 3)).round().astype(np.int16)
     sc.image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if experts: sc.experts = oracle_maps(sc, masks, order)
@@ -326,7 +327,7 @@ def synth_samples(n: int, split: str = "train", seed: int = 0, image_size: int =
     return [caption_sample(s) for s in scenes] if task == "caption" else [x for s in scenes for x in vqa_samples(s)]
 
 # %% ../../nbs/12_data_synth.ipynb #6bdb373a
-def _coco_caption_json(scenes):
+def coco_caption_json(scenes):
     images = [{"id": s.image_id, "file_name": s.file_name, "height": s.image_size, "width": s.image_size} for s in scenes]
     anns = [{"id": s.image_id * 10 + j, "image_id": s.image_id, "caption": c} for s in scenes for j, c in enumerate(s.captions)]
     return {"info": {"description": "vlmrepro synthetic world"}, "licenses": [], "type": "captions",
@@ -346,7 +347,7 @@ def _vizwiz_json(scenes, split):
     anns = [{"id": s.image_id * 10 + j, "image_id": s.image_id, **a} for s in scenes for j, a in enumerate(s.vizwiz)]
     return {"images": images, "annotations": anns}
 
-def _vqa_jsons(scenes, split):
+def vqa_jsons(scenes, split):
     qs = [{"image_id": s.image_id, "question": qa["question"], "question_id": qa["question_id"]} for s in scenes for qa in s.qas]
     head = {"info": {"description": "vlmrepro synthetic world"}, "license": {}, "data_subtype": split}
     questions = {**head, "task_type": "Open-Ended", "data_type": "synth", "questions": qs}
@@ -361,7 +362,7 @@ def _vqax_json(scenes):
             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(qa["answers"])],
             "explanation": qa["explanations"]} for s in scenes for qa in s.qas}
 
-def _prismer_lists(scenes, split):
+def prismer_lists(scenes, split):
     img = lambda s: f"images/{split}/{s.file_name}"
     if split == "train":
         cap = [{"image": img(s), "caption": c} for s in scenes for c in s.captions]
@@ -409,16 +410,16 @@ def write_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n
     by_split = {sp: write_split(root, sp, n, seed, image_size) for sp, n in counts.items()}
     ann = root/"annotations"
     for sp, scs in by_split.items():
-        write_json(ann/f"captions_{sp}.json", _coco_caption_json(scs), indent=None)
+        write_json(ann/f"captions_{sp}.json", coco_caption_json(scs), indent=None)
         write_json(ann/f"{sp}.json", _vizwiz_json(scs, sp), indent=None)
-        q, a = _vqa_jsons(scs, sp)
+        q, a = vqa_jsons(scs, sp)
         write_json(ann/f"v2_OpenEnded_mscoco_{sp}_questions.json", q, indent=None)
         if sp != "test": write_json(ann/f"v2_mscoco_{sp}_annotations.json", a, indent=None)
         write_json(ann/f"vqaX_{sp}.json", _vqax_json(scs), indent=None)
         with atomic_write(root/f"cc3m_{sp}.tsv") as f:
             f.write("caption\timage\n")
             for s in scs: f.write(f"{s.captions[0]}\timages/{sp}/{s.file_name}\n")
-        cap, vqa = _prismer_lists(scs, sp)
+        cap, vqa = prismer_lists(scs, sp)
         write_json(root/"prismer"/f"caption_{sp}.json", cap, indent=None); write_json(root/"prismer"/f"vqa_{sp}.json", vqa, indent=None)
         recs = (Sample(image=s.image_path, image_id=s.image_id, image_path=f"images/{sp}/{s.file_name}", split=sp,
                        captions=s.captions, labels=s.labels, meta={"text_detected": s.text_detected}) for s in scs)
