@@ -58,7 +58,7 @@ def _run_read_only(tmp_path):
     if os.geteuid() == 0 and shutil.which("setpriv"):
         # root ignores permissions: run as 'nobody', for whom the installed package dir is genuinely read-only
         cache = tmp_path/"cache"; (cache/"meteor").mkdir(parents=True)
-        src = Path(os.environ.get("VLMREPRO_CACHE") or Path.home()/".cache"/"vlmrepro")/"meteor"/"paraphrase-en.index"
+        src = Path(os.environ.get("VLMREPRO_CACHE") or Path.home()/".cache"/"vlmrepro")/"meteor"/"paraphrase-en.phrases"
         if src.exists():                                 # reuse the built index (hard links, or a copy)
             try: shutil.copytree(src, cache/"meteor"/src.name, copy_function=os.link)
             except OSError: shutil.copytree(src, cache/"meteor"/src.name)
@@ -147,3 +147,35 @@ def test_vizwiz_format_drops_rejected_and_precanned():
         {"image_id": 5, "caption": "junk", "is_rejected": True}]}
     res = evaluate_captions(gt, [{"image_id": 5, "caption": "a can of soup"}], fast=True, per_image=True)
     assert res["n_images"] == 1 and res["Bleu_1"] > 0.99
+
+
+# ------------------------------------------------------------------ a pathological caption: memory stays bounded
+ROUGE_MEMORY = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))           # 2 GiB of address space for the whole process
+from vlmrepro.metrics.caption import evaluate_captions
+long = " ".join(["a", "b"] * 1_000_000)                               # 2M words
+refs = {i: ["a dog on the grass", "the dog runs"] for i in range(500)}
+preds = {i: "a dog runs on the grass" for i in range(500)}
+refs[0][0] = long; preds[0] = "a b c"                                 # a 2M-word reference ...
+preds[1] = long                                                       # ... and a 2M-word hypothesis
+res = evaluate_captions(refs, preds, fast=True, per_image=True)
+print(json.dumps({k: res["per_image"][k]["ROUGE_L"] for k in ("0", "1", "2")}))
+"""
+
+
+def _rouge_l(pairs, n_hyp, beta=1.2):
+    "pycocoevalcap's ROUGE-L of one image from its (LCS, reference length) pairs: F of the best precision and recall."
+    p, r = max(lcs / float(n_hyp) for lcs, _ in pairs), max(lcs / float(n) for lcs, n in pairs)
+    return ((1 + beta**2) * p * r) / float(r + beta**2 * p) if p and r else 0.0
+
+
+def test_rouge_memory_bounded_on_a_2m_word_caption():
+    "Padding every pair to the longest caption asked for 15 GiB here; the process now stays within 2 GiB."
+    run = subprocess.run([sys.executable, "-c", ROUGE_MEMORY], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["0"] == _rouge_l([(2, 2_000_000), (0, 3)], 3)          # "a b" in common with the long reference
+    assert got["1"] == _rouge_l([(1, 5), (0, 3)], 2_000_000)          # the long hypothesis shares "a" with one reference
+    assert got["2"] == _rouge_l([(5, 5), (2, 3)], 6)
