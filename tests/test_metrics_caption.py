@@ -1,12 +1,12 @@
 "Caption metrics: identity with pycocoevalcap, the fast-vs-official bound, read-only installs, bad inputs."
-import json, math, os, shutil, subprocess, sys, tempfile
+import json, math, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import pytest
 
 from vlmrepro.core import VlmreproError
 from vlmrepro.metrics.caption import (FAST_METRICS, OFFICIAL_METRICS, coco_eval_cap_reference, evaluate_captions,
-                                      pycocoevalcap_dir)
+                                      meteor_normalize, meteor_score, ptb_tokenize, pycocoevalcap_dir)
 
 FIXTURE = Path(__file__).parent/"fixtures"/"metrics"/"captions_bound.json"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the official path needs Java")
@@ -179,3 +179,52 @@ def test_rouge_memory_bounded_on_a_2m_word_caption():
     assert got["0"] == _rouge_l([(2, 2_000_000), (0, 3)], 3)          # "a b" in common with the long reference
     assert got["1"] == _rouge_l([(1, 5), (0, 3)], 2_000_000)          # the long hypothesis shares "a" with one reference
     assert got["2"] == _rouge_l([(5, 5), (2, 3)], 6)
+
+
+# ------------------------------------------------------------------ METEOR: its tokens and the cut paraphrase table
+TRICKY = ["a", "dog", "'s", "n't", "-lrb-", "-rrb-", "black-and-white", "u.s.", "a.m.", "dr.", "mr.", "no.", "1,000", "3.5",
+          "caf\u00e9", "na\u00efve", "x--y", "don't", "it's", "'", "''", "``", "`", "\u2018", "\u2019", "\u201c", "\u201d", "\u2013",
+          "\u2014", "-", "--", ",", ".", "..", "...", "....", "a.b", "e.g.", "i.e.", "12", "12.", "1990's", "rock'n'roll", "o'clock",
+          "&", "@", "#", "$", "%", "*", "+", "=", "<", ">", "/", "\\", "|", "~", "^", "?", "!", ";", ":", "(", ")", "[", "]", "{", "}",
+          "\U0001f35e", "\u65e5\u672c", "\u03b5\u03bb\u03bb\u03ac\u03b4\u03b1", "\u043c\u043e\u0441\u043a\u0432\u0430", "\u0130stanbul",
+          "\ua66e", "\u00a0", "\u2009", "a\u00a0b", "x.y.z", "5-year-old", "1-2", "a-", "-b", ".5", "5.", "St.", "v.", "vs.", "Nos.",
+          "pp.", "z.", "DOTMULTI", "dotmulti", "a..b", "a...", "'tis", "dogs'", "'90s", "l'homme", "x,", ",x", "1,", ",1", "a,b",
+          "1,2", "Mr.", "Ph.D.", "etc.", "U.S.A.", "A.", "I.", "the", "man", "on", "bike", "in", "park", "5", "two"]
+
+
+def _jar_normalized(lines: list[str], tmp: Path) -> list[str]:
+    "What METEOR 1.5 itself makes of each line under -norm: the test lines of its -writeAlignments output."
+    (tmp/"t.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp/"r.txt").write_text("x\n" * len(lines), encoding="utf-8")
+    jar = pycocoevalcap_dir()/"meteor"/"meteor-1.5.jar"
+    subprocess.run(["java", "-Dfile.encoding=UTF-8", "-Xmx1G", "-jar", str(jar), str(tmp/"t.txt"), str(tmp/"r.txt"), "-l", "en",
+                    "-norm", "-m", "exact", "-writeAlignments", "-f", str(tmp/"o")], cwd=tmp, capture_output=True, check=True, timeout=600)
+    out = (tmp/"o-align.out").read_text(encoding="utf-8").split("\n")
+    return [out[i + 1] for i, line in enumerate(out) if line.startswith("Alignment\t")]
+
+
+@needs_java
+def test_meteor_normalize_matches_the_jar(tmp_path):
+    "The paraphrase cut looks phrases up in meteor_normalize's tokens: they must be the jar's, on text full of traps."
+    rng = random.Random(0)
+    lines = []
+    for _ in range(4000):
+        toks = [rng.choice(TRICKY) for _ in range(rng.randint(1, 12))]
+        lines.append((" " if rng.random() < 0.8 else "").join(toks))
+    lines = [s for s in lines if s.strip()]
+    jar = _jar_normalized(lines, tmp_path)
+    assert len(jar) == len(lines)
+    bad = [(s, j, meteor_normalize(s)) for s, j in zip(lines, jar) if meteor_normalize(s) != j]
+    assert not bad, f"{len(bad)} of {len(lines)} lines differ, e.g. {bad[:3]}"
+
+
+@needs_java
+@pytest.mark.slow
+def test_paraphrase_cut_scores_like_the_full_table():
+    "METEOR on the entries whose phrases occur in one image equals METEOR on the whole table, per image."
+    from vlmrepro.tools.bench_metrics import realistic_captions, synthetic_captions
+    for refs, preds in (realistic_captions(300, seed=3), synthetic_captions(300, seed=3)):
+        ids = list(refs)
+        toks = ptb_tokenize([c for i in ids for c in refs[i]] + [preds[i] for i in ids])
+        it = iter(toks); rt = [[next(it) for _ in refs[i]] for i in ids]; ht = list(it)
+        assert meteor_score(rt, ht) == meteor_score(rt, ht, full_table=True)

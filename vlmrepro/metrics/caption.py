@@ -257,7 +257,7 @@ def meteor_normalize(line: str) -> str:
     return _M_WHITE.sub(" ", s.replace("DOTMULTI", ".")).strip(_JAVA_TRIM).lower()
 
 # %% ../../nbs/20_metrics_caption.ipynb #01c13259
-_PARA_FILES = ("text", "offsets", "prefix_hash", "prefix_phrase", "entry_b", "group_start", "group_phrase")
+_PARA_FILES = ("text", "offsets", "prefix_hash", "prefix_phrase", "entry_b", "group_start", "group_phrase", "word_count")
 _PARA_FORMAT = "2"                                                    # bump when the files change
 _HASH_P = np.uint64(0x100000001B3)
 MAX_PHRASE = 7                                                        # words in the table's longest phrase
@@ -302,7 +302,8 @@ def _build_paraphrase_index(src: Path, dst: Path):
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dst.parent))
     arrays = {"text": np.frombuffer(data, dtype=np.uint8), "offsets": np.concatenate([[0], np.cumsum(sizes)]),
               "prefix_hash": prefix_hash, "prefix_phrase": np.where(is_phrase, np.arange(len(prefix_hash)), -1).astype(np.int32),
-              "entry_b": b, "group_start": np.append(group, n), "group_phrase": a[group]}
+              "entry_b": b, "group_start": np.append(group, n), "group_phrase": a[group],
+              "word_count": np.bincount(word_ids, minlength=len(words))}   # how often each word occurs in the table
     for name, arr in arrays.items(): np.save(tmp/f"{name}.npy", arr)
     (tmp/"vocab.txt").write_bytes("\n".join(words).encode("utf-8"))
     (tmp/"stamp").write_text(f"{src.stat().st_size} {_PARA_FORMAT}")
@@ -499,40 +500,53 @@ class CaptionSet:
         self.lens, self.S = lens[given], len(given)
         self.start = _offsets(self.lens)
         self.sent, self.pos = _ragged(self.lens)                       # sentence of each token, position in it
+        self.left = self.lens[self.sent] - self.pos                    # tokens from there to the sentence's end
         self.tok = np.asarray(flat, dtype=np.int64)[_offsets(lens)[given][self.sent] + self.pos]
         self.T = len(self.tok)
         self.ref_row = np.where(self.is_hyp, -1, np.arange(self.S) - self.img)   # a reference's input index
         self.hyp_lens, self.ref_lens, self.ref_img = self.lens[self.is_hyp], self.lens[~self.is_hyp], self.img[~self.is_hyp]
 
 # %% ../../nbs/20_metrics_caption.ipynb #51863f46
-def gram_runs(cs: CaptionSet, n: int, prev: np.ndarray | None) -> dict | None:
+def _sorted_grams(code: np.ndarray, at: np.ndarray, T: int, V: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    "`code` and `at` sorted by code, then position: one radix pass for unigrams, else one sort of packed int64 keys."
+    if n == 1 and V <= 1 << 16:
+        o = np.argsort(code.astype(np.uint16), kind="stable"); return code[o], at[o]
+    b = max(int(T).bit_length(), 1)
+    if len(code) and int(code.max()) < 1 << (62 - b):
+        key = np.sort((code << b) | at); return key >> b, key & ((1 << b) - 1)
+    o = np.argsort(code, kind="stable"); return code[o], at[o]
+
+def gram_runs(cs: CaptionSet, n: int, prev: dict | None) -> dict | None:
     "Every n-gram occurrence grouped by gram, then sentence: runs (one gram in one sentence) and blocks (in one image)."
-    at = np.flatnonzero(cs.lens[cs.sent] - cs.pos >= n)              # where an n-gram starts
+    at = np.flatnonzero(cs.left >= n)                                # where an n-gram starts
     if not len(at): return None
-    code = cs.tok[at] if n == 1 else prev[at] * cs.V + cs.tok[at + n - 1]
-    if (int(code.max()) + 1) * cs.T < 2**62:
-        code, at = np.divmod(np.sort(code * cs.T + at), cs.T)
-    else:
-        o = np.argsort(code, kind="stable"); code, at = code[o], at[o]
-    new_gram = np.r_[True, code[1:] != code[:-1]]
+    lone = np.zeros(0, np.int64)
+    if n == 1: code, at = _sorted_grams(cs.tok[at], at, cs.T, cs.V, 1)
+    else:                                                             # an n-gram holding an (n-1)-gram that occurs once is unique
+        p = prev["ids"][at]; once = (prev["count"][p] == 1) | (prev["count"][prev["ids"][at + 1]] == 1)
+        lone, at = at[once], at[~once]
+        code, at = _sorted_grams(p[~once] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
+    new_gram = np.r_[True, code[1:] != code[:-1]] if len(code) else np.zeros(0, bool)
     gram = np.cumsum(new_gram) - 1
-    ids = np.full(cs.T, -1, dtype=np.int64); ids[at] = gram         # each position's n-gram id, for n + 1
+    G = int(gram[-1]) + 1 if len(gram) else 0
+    ids = np.full(cs.T, -1, dtype=np.int64); ids[at] = gram; ids[lone] = G   # for n + 1; G stands for "occurs once"
     s = cs.sent[at]
-    rs = np.flatnonzero(new_gram | np.r_[True, s[1:] != s[:-1]])
+    rs = np.flatnonzero(new_gram | np.r_[True, s[1:] != s[:-1]]) if len(at) else np.zeros(0, np.int64)
     run_s = s[rs]; run_img = cs.img[run_s]
-    new_block = new_gram[rs] | np.r_[True, run_img[1:] != run_img[:-1]]
-    return dict(n=n, G=int(gram[-1]) + 1, ids=ids, at=at, rs=rs, tf=np.diff(np.append(rs, len(at))), s=run_s,
-                g=gram[rs], first=at[rs], img=run_img, hyp=cs.is_hyp[run_s], block=np.cumsum(new_block) - 1,
-                bs=np.flatnonzero(new_block))
+    new_block = new_gram[rs] | np.r_[True, run_img[1:] != run_img[:-1]] if len(rs) else np.zeros(0, bool)
+    return dict(n=n, G=G, ids=ids, count=np.append(np.diff(np.append(np.flatnonzero(new_gram), len(at))), 1), at=at,
+                lone=lone, rs=rs, tf=np.diff(np.append(rs, len(at))), s=run_s, g=gram[rs], first=at[rs], img=run_img,
+                hyp=cs.is_hyp[run_s], block=np.cumsum(new_block) - 1, bs=np.flatnonzero(new_block))
 
 def _block_last(r: dict) -> tuple[np.ndarray, np.ndarray]:
     "Each block's last run, and whether it is a hypothesis' run."
-    last = np.append(r["bs"][1:], len(r["rs"])) - 1
+    last = np.append(r["bs"][1:], len(r["rs"])) - 1 if len(r["bs"]) else np.zeros(0, np.int64)
     return last, r["hyp"][last]
 
 # %% ../../nbs/20_metrics_caption.ipynb #29074331
 def clipped_counts(cs: CaptionSet, r: dict) -> np.ndarray:
     "BLEU's matches of each hypothesis: its count of each n-gram clipped to the most any reference has, summed."
+    if not len(r["rs"]): return np.zeros(cs.N, dtype=np.int64)        # (a unique n-gram matches nothing)
     ref_tf = np.where(r["hyp"], 0, r["tf"])
     ref_max = np.maximum.reduceat(ref_tf, r["bs"])
     h = np.flatnonzero(r["hyp"])
@@ -563,17 +577,23 @@ def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4):
     return bleus, per
 
 # %% ../../nbs/20_metrics_caption.ipynb #15433170
+def _idf(df, N: int) -> np.ndarray:
+    "log N - log max(1, df), taken once per distinct df with pycocoevalcap's scalar expression."
+    ref_len = np.log(float(N))
+    values = np.flatnonzero(np.bincount(df, minlength=2))
+    idf = np.zeros(int(values[-1]) + 1)
+    for d in values.tolist(): idf[d] = ref_len - np.log(max(1.0, float(d)))
+    return idf[df]
+
 def cider_terms(cs: CaptionSet, r: dict) -> tuple[np.ndarray, np.ndarray]:
     "(squared norm of each sentence's tf-idf vector, each reference's clipped dot product with its hypothesis)."
     last, has_hyp = _block_last(r)
     bs = r["bs"]
-    df = np.bincount(r["g"][bs[~r["hyp"][bs]]], minlength=r["G"])   # a block holds a reference iff its first run does
-    ref_len = np.log(float(cs.N))
-    values = np.flatnonzero(np.bincount(df))
-    idf = np.zeros(int(values[-1]) + 1)
-    for d in values.tolist(): idf[d] = ref_len - np.log(max(1.0, float(d)))
-    w = r["tf"].astype(np.float64) * idf[df][r["g"]]
-    sq = np.zeros(cs.T); sq[r["first"]] = w * w
+    df = np.bincount(r["g"][bs[~r["hyp"][bs]]], minlength=r["G"] + 1)   # a block holds a reference iff its first run does
+    idf = _idf(df, cs.N)                                             # idf[G]: a unique n-gram's, df 0 or 1 alike
+    w = r["tf"].astype(np.float64) * idf[r["g"]]
+    once = 1.0 * idf[r["G"]]
+    sq = np.zeros(cs.T); sq[r["first"]] = w * w; sq[r["lone"]] = once * once
     norm2 = np.bincount(cs.sent, sq, minlength=cs.S)
     ref = np.flatnonzero(~r["hyp"] & has_hyp[r["block"]])
     h = last[r["block"][ref]]
@@ -681,7 +701,7 @@ def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, 
         r1 = r1 or r
         correct[:, k - 1] = clipped_counts(cs, r)
         norm2[:, k - 1], dot[:, k - 1] = cider_terms(cs, r)
-        prev = r["ids"]
+        prev = r
     bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n)
     cider, cider_per = _cider(cs, norm2, dot, n)
     rouge, rouge_per = _rouge(cs, lcs_lengths(cs, r1))
