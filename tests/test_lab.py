@@ -175,10 +175,16 @@ def test_lab_ui_runs_a_paper_notebook_with_figures_and_a_progress_widget(lab_ui)
     figures = drv.execute_script("return Array.from(document.querySelectorAll('.jp-OutputArea-output img'))"
                                  ".filter(i => i.complete && i.naturalWidth > 0).length;")
     assert figures >= 3, f"{figures} rendered figures (the notebook draws images, curves and predictions)"
-    bar = drv.execute_script("const p = document.querySelector('.jp-OutputArea-output .widget-progress');"
+    bar = drv.execute_script("const p = document.querySelector('.jp-OutputArea-output .widget-hprogress, .jp-OutputArea-output .widget-progress');"
                              "if (!p) return null; const b = p.querySelector('.progress-bar');"
                              "return {width: b ? b.getBoundingClientRect().width : 0, text: p.closest('.widget-hbox, .jp-OutputArea-output').innerText};")
-    assert bar is not None, "fit's progress bar is not a rendered widget (is ipywidgets installed, and fit on tqdm.auto?)"
+    if bar is None:
+        outs = drv.execute_script(f"return {cells}.flatMap(c => c.model.outputs.toJSON()).map(o => o.output_type + ' ' + "
+                                  "Object.keys(o.data || {}).join(',') + ' ' + JSON.stringify(o.text || (o.data || {})['text/plain'] || '').slice(0, 100));")
+        classes = drv.execute_script("return Array.from(document.querySelectorAll('.jp-OutputArea-output')).map(e => e.className + ' | ' "
+                                     "+ (e.firstElementChild ? e.firstElementChild.className : '')).slice(0, 30);")
+        raise AssertionError(f"fit's progress bar is not a rendered widget (is ipywidgets installed, and fit on tqdm.auto?)\n"
+                             f"outputs: {outs}\nelements: {classes}")
     assert bar["width"] > 0 and "100%" in bar["text"], bar
     page = drv.execute_script("return document.body.innerText;")
     assert "IProgress not found" not in page
