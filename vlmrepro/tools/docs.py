@@ -292,8 +292,9 @@ def screenshot_pages(root: Path | None = None) -> list[str]:
     return ["index", *papers, "results"]
 
 def take_screenshots(site: Path, out: str | os.PathLike, log=print) -> list[Path]:
-    "A PNG of every page of `screenshot_pages` in `out` (docs-<page>.png)."
+    "A PNG of every page of `screenshot_pages` in `out` (docs-<page>.png); older docs-*.png of other pages are removed."
     shots = [screenshot(Path(site)/f"{page}.html", Path(out)/f"docs-{page}.png", height=1600) for page in screenshot_pages()]
+    for stale in set(Path(out).glob("docs-*.png")) - set(shots): stale.unlink()
     for png in shots: log(png)
     return shots
 
