@@ -1,12 +1,12 @@
 "Caption metrics: identity with pycocoevalcap, the fast-vs-official bound, read-only installs, bad inputs."
-import json, math, os, shutil, subprocess, sys, tempfile
+import json, math, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import pytest
 
 from vlmrepro.core import VlmreproError
 from vlmrepro.metrics.caption import (FAST_METRICS, OFFICIAL_METRICS, coco_eval_cap_reference, evaluate_captions,
-                                      pycocoevalcap_dir)
+                                      meteor_normalize, meteor_score, ptb_tokenize, pycocoevalcap_dir)
 
 FIXTURE = Path(__file__).parent/"fixtures"/"metrics"/"captions_bound.json"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the official path needs Java")
@@ -58,7 +58,7 @@ def _run_read_only(tmp_path):
     if os.geteuid() == 0 and shutil.which("setpriv"):
         # root ignores permissions: run as 'nobody', for whom the installed package dir is genuinely read-only
         cache = tmp_path/"cache"; (cache/"meteor").mkdir(parents=True)
-        src = Path(os.environ.get("VLMREPRO_CACHE") or Path.home()/".cache"/"vlmrepro")/"meteor"/"paraphrase-en.index"
+        src = Path(os.environ.get("VLMREPRO_CACHE") or Path.home()/".cache"/"vlmrepro")/"meteor"/"paraphrase-en.phrases"
         if src.exists():                                 # reuse the built index (hard links, or a copy)
             try: shutil.copytree(src, cache/"meteor"/src.name, copy_function=os.link)
             except OSError: shutil.copytree(src, cache/"meteor"/src.name)
@@ -147,3 +147,84 @@ def test_vizwiz_format_drops_rejected_and_precanned():
         {"image_id": 5, "caption": "junk", "is_rejected": True}]}
     res = evaluate_captions(gt, [{"image_id": 5, "caption": "a can of soup"}], fast=True, per_image=True)
     assert res["n_images"] == 1 and res["Bleu_1"] > 0.99
+
+
+# ------------------------------------------------------------------ a pathological caption: memory stays bounded
+ROUGE_MEMORY = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))           # 2 GiB of address space for the whole process
+from vlmrepro.metrics.caption import evaluate_captions
+long = " ".join(["a", "b"] * 1_000_000)                               # 2M words
+refs = {i: ["a dog on the grass", "the dog runs"] for i in range(500)}
+preds = {i: "a dog runs on the grass" for i in range(500)}
+refs[0][0] = long; preds[0] = "a b c"                                 # a 2M-word reference ...
+preds[1] = long                                                       # ... and a 2M-word hypothesis
+res = evaluate_captions(refs, preds, fast=True, per_image=True)
+print(json.dumps({k: res["per_image"][k]["ROUGE_L"] for k in ("0", "1", "2")}))
+"""
+
+
+def _rouge_l(pairs, n_hyp, beta=1.2):
+    "pycocoevalcap's ROUGE-L of one image from its (LCS, reference length) pairs: F of the best precision and recall."
+    p, r = max(lcs / float(n_hyp) for lcs, _ in pairs), max(lcs / float(n) for lcs, n in pairs)
+    return ((1 + beta**2) * p * r) / float(r + beta**2 * p) if p and r else 0.0
+
+
+def test_rouge_memory_bounded_on_a_2m_word_caption():
+    "Padding every pair to the longest caption asked for 15 GiB here; the process now stays within 2 GiB."
+    run = subprocess.run([sys.executable, "-c", ROUGE_MEMORY], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["0"] == _rouge_l([(2, 2_000_000), (0, 3)], 3)          # "a b" in common with the long reference
+    assert got["1"] == _rouge_l([(1, 5), (0, 3)], 2_000_000)          # the long hypothesis shares "a" with one reference
+    assert got["2"] == _rouge_l([(5, 5), (2, 3)], 6)
+
+
+# ------------------------------------------------------------------ METEOR: its tokens and the cut paraphrase table
+TRICKY = ["a", "dog", "'s", "n't", "-lrb-", "-rrb-", "black-and-white", "u.s.", "a.m.", "dr.", "mr.", "no.", "1,000", "3.5",
+          "caf\u00e9", "na\u00efve", "x--y", "don't", "it's", "'", "''", "``", "`", "\u2018", "\u2019", "\u201c", "\u201d", "\u2013",
+          "\u2014", "-", "--", ",", ".", "..", "...", "....", "a.b", "e.g.", "i.e.", "12", "12.", "1990's", "rock'n'roll", "o'clock",
+          "&", "@", "#", "$", "%", "*", "+", "=", "<", ">", "/", "\\", "|", "~", "^", "?", "!", ";", ":", "(", ")", "[", "]", "{", "}",
+          "\U0001f35e", "\u65e5\u672c", "\u03b5\u03bb\u03bb\u03ac\u03b4\u03b1", "\u043c\u043e\u0441\u043a\u0432\u0430", "\u0130stanbul",
+          "\ua66e", "\u00a0", "\u2009", "a\u00a0b", "x.y.z", "5-year-old", "1-2", "a-", "-b", ".5", "5.", "St.", "v.", "vs.", "Nos.",
+          "pp.", "z.", "DOTMULTI", "dotmulti", "a..b", "a...", "'tis", "dogs'", "'90s", "l'homme", "x,", ",x", "1,", ",1", "a,b",
+          "1,2", "Mr.", "Ph.D.", "etc.", "U.S.A.", "A.", "I.", "the", "man", "on", "bike", "in", "park", "5", "two"]
+
+
+def _jar_normalized(lines: list[str], tmp: Path) -> list[str]:
+    "What METEOR 1.5 itself makes of each line under -norm: the test lines of its -writeAlignments output."
+    (tmp/"t.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp/"r.txt").write_text("x\n" * len(lines), encoding="utf-8")
+    jar = pycocoevalcap_dir()/"meteor"/"meteor-1.5.jar"
+    subprocess.run(["java", "-Dfile.encoding=UTF-8", "-Xmx1G", "-jar", str(jar), str(tmp/"t.txt"), str(tmp/"r.txt"), "-l", "en",
+                    "-norm", "-m", "exact", "-writeAlignments", "-f", str(tmp/"o")], cwd=tmp, capture_output=True, check=True, timeout=600)
+    out = (tmp/"o-align.out").read_text(encoding="utf-8").split("\n")
+    return [out[i + 1] for i, line in enumerate(out) if line.startswith("Alignment\t")]
+
+
+@needs_java
+def test_meteor_normalize_matches_the_jar(tmp_path):
+    "The paraphrase cut looks phrases up in meteor_normalize's tokens: they must be the jar's, on text full of traps."
+    rng = random.Random(0)
+    lines = []
+    for _ in range(4000):
+        toks = [rng.choice(TRICKY) for _ in range(rng.randint(1, 12))]
+        lines.append((" " if rng.random() < 0.8 else "").join(toks))
+    lines = [s for s in lines if s.strip()]
+    jar = _jar_normalized(lines, tmp_path)
+    assert len(jar) == len(lines)
+    bad = [(s, j, meteor_normalize(s)) for s, j in zip(lines, jar) if meteor_normalize(s) != j]
+    assert not bad, f"{len(bad)} of {len(lines)} lines differ, e.g. {bad[:3]}"
+
+
+@needs_java
+@pytest.mark.slow
+def test_paraphrase_cut_scores_like_the_full_table():
+    "METEOR on the entries whose phrases occur in one image equals METEOR on the whole table, per image."
+    from vlmrepro.tools.bench_metrics import realistic_captions, synthetic_captions
+    for refs, preds in (realistic_captions(300, seed=3), synthetic_captions(300, seed=3)):
+        ids = list(refs)
+        toks = ptb_tokenize([c for i in ids for c in refs[i]] + [preds[i] for i in ids])
+        it = iter(toks); rt = [[next(it) for _ in refs[i]] for i in ids]; ht = list(it)
+        assert meteor_score(rt, ht) == meteor_score(rt, ht, full_table=True)

@@ -219,7 +219,7 @@ def _experts(a, ex) -> int:
 
 def _docs_args(p, *_):
     p.add_argument("--out", help="output directory (default: <repo>/_docs)")
-    p.add_argument("--screenshots", help="also save PNGs of the home page and the first paper page here (needs chromium)")
+    p.add_argument("--screenshots", help="also save PNGs of the home page, the paper pages and the results page here (needs chromium)")
 
 def _docs(a, docs) -> int:
     docs.make_docs(a.out, a.screenshots); return 0

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .core import VlmreproError, atomic_write, check_names, ensure_writable_dir, pick_device, pick_precision, seed_everything
 from .checkpoint import (load_checkpoint, remove_partial_checkpoints, rng_state, resolve_checkpoint, save_checkpoint,

@@ -13,12 +13,13 @@ import numpy as np
 from ..core import VlmreproError, cache_dir, read_json
 
 # %% auto #0
-__all__ = ['CAPTION_PATHS', 'OFFICIAL_METRICS', 'FAST_METRICS', 'JAVA_UTF8', 'JAVA_QUICK', 'PTB_PUNCTUATIONS',
-           'canonical_image_id', 'load_references', 'load_predictions', 'align_captions', 'pycocoevalcap_dir',
-           'java_binary', 'ptb_tokenize', 'MeteorJar', 'paraphrase_index', 'meteor_vocabulary', 'paraphrase_subset',
-           'meteor_score', 'spice_status', 'spice_score', 'encode_tokens', 'encode_lines', 'ngram_table', 'lcs_length',
-           'lcs_lengths', 'caption_scores', 'fast_normalized_text', 'fast_token_lists', 'fast_tokenize_all',
-           'fast_tokenize', 'evaluate_captions', 'coco_eval_cap_reference']
+__all__ = ['CAPTION_PATHS', 'OFFICIAL_METRICS', 'FAST_METRICS', 'JAVA_UTF8', 'JAVA_QUICK', 'PTB_PUNCTUATIONS', 'MAX_PHRASE',
+           'WORD', 'canonical_image_id', 'load_references', 'load_predictions', 'align_captions', 'pycocoevalcap_dir',
+           'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'paraphrase_index', 'meteor_token_ids',
+           'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'meteor_score', 'spice_status',
+           'spice_score', 'encode_tokens', 'encode_token_strings', 'CaptionSet', 'gram_runs', 'clipped_counts',
+           'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores', 'fast_normalized_text', 'fast_token_lists',
+           'fast_tokenize_all', 'fast_tokenize', 'fast_encode', 'evaluate_captions', 'coco_eval_cap_reference']
 
 # %% ../../nbs/20_metrics_caption.ipynb #2c6c228e
 CAPTION_PATHS = ("official", "fast")
@@ -29,6 +30,7 @@ FAST_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
 def canonical_image_id(image_id):
     "An image id as an int when it is one (or a string of digits), else the string itself."
     if type(image_id) is int: return image_id
+    if type(image_id) is str and image_id.isascii() and image_id.isdigit(): return int(image_id)
     if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer, str)):
         raise VlmreproError(f"image id {image_id!r} must be an int or a string, got {type(image_id).__name__}")
     if isinstance(image_id, str):
@@ -151,13 +153,16 @@ def ptb_tokenize(sentences: list[str], timeout: float = 600) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS) for line in lines[:len(flat)]]
 
 # %% ../../nbs/20_metrics_caption.ipynb #7d50f6d0
-def _meteor_line(refs: list[str], hyp: str) -> str:
-    hyp = hyp.replace("|||", "").replace("  ", " ")
+def _meteor_fields(refs: list[str], hyp: str) -> list[str]:
+    "The texts of one `SCORE` line, as pycocoevalcap sends them: references, then the hypothesis."
     refs = [r.replace("|||", "") for r in refs]   # pycocoevalcap leaves '|||' in references, which shifts the fields
-    return " ||| ".join(("SCORE", " ||| ".join(refs), hyp))
+    return refs + [hyp.replace("|||", "").replace("  ", " ")]
+
+def _meteor_line(refs: list[str], hyp: str) -> str:
+    return " ||| ".join(["SCORE", *_meteor_fields(refs, hyp)])
 
 class MeteorJar:
-    "A running METEOR 1.5 process (`-stdio -l en -norm`), started early so its start-up overlaps other work."
+    "A running METEOR 1.5 process (`-stdio -l en -norm`), optionally on another paraphrase table (`-a`)."
     def __init__(self, paraphrase: str | os.PathLike | None = None, memory: str = "2G"):
         jar = pycocoevalcap_dir()/"meteor"/"meteor-1.5.jar"
         self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-meteor-")
@@ -195,8 +200,74 @@ class MeteorJar:
             except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
         self.err.close(); self.tmp.cleanup()
 
+# %% ../../nbs/20_metrics_caption.ipynb #4c1d2e7a
+_ALPHA = ("A-Za-z\u0160\u017d\u0161\u017e\u0178\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u017e\u0400-\u04ff\u0500-\u0527"
+          "\ua640-\ua66e\ua67e-\ua697\u1d00-\u1d7f")                  # the jar's letters (Normalizer.alpha)
+_ALNUM = "0-9" + _ALPHA
+_JAVA_SPACE = " \t\n\x0b\f\r"                                         # Java's \s
+_M_SEPARATE = re.compile(f"([^{_ALNUM}{_JAVA_SPACE}.'`,\\-\u2018\u2019])")
+_M_MULTI_DOT, _M_MULTI_DOT2 = re.compile(r"\.(\.+)"), re.compile(r"DOTMULTI\.([^.])")
+_M_COMMAS = [re.compile(p) for p in (r"([^0-9]),([^0-9])", r"([0-9]),([^0-9])", r"([^0-9]),([0-9])")]
+_M_QUOTE, _M_QUOTE2 = re.compile("[`\u2018\u2019]"), re.compile("[\u201c\u201d]|''")
+_M_DASH = re.compile(f"([{_ALNUM}.])-([{_ALNUM}])")
+_M_CONTRACTIONS = [(re.compile(p), rep) for p, rep in (
+    (f"([^{_ALPHA}])'([^{_ALPHA}])", r"\1 ' \2"), (f"([^{_ALPHA}0-9])'([{_ALPHA}])", r"\1 ' \2"),
+    (f"([{_ALPHA}])'([^{_ALPHA}])", r"\1 ' \2"), (f"([{_ALPHA}])'([{_ALPHA}])", r"\1 '\2"), (r"([0-9])'(s)", r"\1 '\2"))]
+_M_LETTER = re.compile(f"[{_ALPHA}]")
+_M_TOKENS = re.compile("[ \t\n\r\f]+")                                  # java.util.StringTokenizer's delimiters
+_M_WHITE = re.compile("[ \u2000-\u200a\u202f\u205f\u3000\u00a0]+")
+_JAVA_TRIM = "".join(map(chr, range(33)))                             # String.trim() drops every char <= ' '
+_NBP = {}
+
+def _nonbreaking_prefixes() -> dict:
+    "METEOR's English non-breaking prefixes, read from its jar: {prefix: 1 (always) or 2 (before a number)}."
+    if not _NBP:
+        import zipfile
+        with zipfile.ZipFile(pycocoevalcap_dir()/"meteor"/"meteor-1.5.jar") as z:
+            text = z.read("nonbreaking/english.prefixes").decode("utf-8")
+        for line in text.splitlines():
+            w = line.split()
+            if w and not w[0].startswith("#"): _NBP[w[0]] = 2 if len(w) > 1 and w[1] == "#NUMERIC_ONLY#" else 1
+    return _NBP
+
+def _final_periods(tokens: list[str]) -> list[str]:
+    "The jar's rule for a token ending in '.': an abbreviation keeps it (u.s. -> us), a sentence end splits it off."
+    nbp, out = _nonbreaking_prefixes(), []
+    for i, t in enumerate(tokens):
+        if len(t) > 1 and t.endswith("."):
+            pre, nxt = t[:-1], tokens[i + 1][:1] if i + 1 < len(tokens) else ""
+            kind = nbp.get(pre)
+            if "." in pre and _M_LETTER.search(pre): t = t.replace(".", "")
+            elif kind == 1 or "a" <= nxt <= "z" or (kind == 2 and "0" <= nxt <= "9"): pass
+            else: t = pre + " ."
+        out.append(t)
+    return out
+
+def meteor_normalize(line: str) -> str:
+    "METEOR 1.5's `-norm` of one English line (Normalizer.normalizeLine keeping punctuation, then lower case)."
+    s = _M_SEPARATE.sub(r" \1 ", f" {line} ")
+    s = _M_MULTI_DOT.sub(r" DOTMULTI\1", s)
+    while "DOTMULTI." in s: s = _M_MULTI_DOT2.sub(r"DOTDOTMULTI \1", s).replace("DOTMULTI.", "DOTDOTMULTI")
+    for p in _M_COMMAS: s = p.sub(r"\1 , \2", s)
+    s = _M_QUOTE2.sub(' " ', _M_QUOTE.sub("'", s)).replace("\u2013", "-").replace("--", "-")
+    s = _M_DASH.sub(r"\1 \2", s)
+    for p, rep in _M_CONTRACTIONS: s = p.sub(rep, s)
+    s = " ".join(_final_periods([t for t in _M_TOKENS.split(s) if t])) + " "
+    while "DOTDOTMULTI" in s: s = s.replace("DOTDOTMULTI", "DOTMULTI.")
+    return _M_WHITE.sub(" ", s.replace("DOTMULTI", ".")).strip(_JAVA_TRIM).lower()
+
 # %% ../../nbs/20_metrics_caption.ipynb #01c13259
-_PARA_FILES = ("text.npy", "word_ids.npy", "phrase_starts.npy", "offsets.npy", "vocab.txt")
+_PARA_FILES = ("text", "offsets", "prefix_hash", "prefix_phrase", "entry_b", "group_start", "group_phrase", "word_count")
+_PARA_FORMAT = "2"                                                    # bump when the files change
+_HASH_P = np.uint64(0x100000001B3)
+MAX_PHRASE = 7                                                        # words in the table's longest phrase
+
+def _phrase_prefix_hashes(word_ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "(phrases at least `k` words long, hash of their first `k` words): a polynomial over word id + 1."
+    rows = np.flatnonzero(lens >= k)
+    h = np.zeros(len(rows), dtype=np.uint64)
+    for j in range(k): h = h * _HASH_P + word_ids[starts[rows] + j].astype(np.uint64) + np.uint64(1)
+    return rows, h
 
 def _build_paraphrase_index(src: Path, dst: Path):
     from array import array
@@ -211,19 +282,38 @@ def _build_paraphrase_index(src: Path, dst: Path):
         ws = p.split(b" "); lens.append(len(ws))
         ids.extend([sd(w, len(vocab)) for w in ws])
     sizes = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)).reshape(n, 3).sum(1) + 3
+    del lines
+    words = [w.decode("utf-8", errors="replace") for w in vocab]     # the jar reads the table as UTF-8, replacing bad bytes
+    first_id = {}
+    canonical = np.array([first_id.setdefault(w, i) for i, w in enumerate(words)], dtype=np.int64)
+    word_ids = canonical[np.frombuffer(ids, dtype=np.int32)]
+    plen = np.frombuffer(lens, dtype=np.int32).astype(np.int64)
+    if plen.max() > MAX_PHRASE: raise VlmreproError(f"{src}: a phrase of {plen.max()} words; this index handles {MAX_PHRASE}")
+    starts = np.concatenate([[0], np.cumsum(plen)[:-1]])
+    levels = [_phrase_prefix_hashes(word_ids, starts, plen, k) for k in range(1, int(plen.max()) + 1)]
+    prefix_hash, inv = np.unique(np.concatenate([h for _, h in levels]), return_inverse=True)
+    whole = np.concatenate([plen[rows] == k for k, (rows, _) in enumerate(levels, 1)])
+    is_phrase = np.zeros(len(prefix_hash), dtype=bool); is_phrase[inv[whole]] = True
+    phrase_of_slot = np.empty(len(plen), dtype=np.int32)              # a phrase's id is its row in prefix_hash
+    for k, (rows, h) in enumerate(levels, 1):
+        done = plen[rows] == k; phrase_of_slot[rows[done]] = np.searchsorted(prefix_hash, h[done])
+    a, b = phrase_of_slot[:n], phrase_of_slot[n:]
+    group = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dst.parent))
-    np.save(tmp/"text.npy", np.frombuffer(data, dtype=np.uint8))
-    np.save(tmp/"word_ids.npy", np.frombuffer(ids, dtype=np.int32).astype(np.uint16 if len(vocab) < 65536 else np.int32))
-    np.save(tmp/"phrase_starts.npy", np.concatenate([[0], np.cumsum(np.frombuffer(lens, dtype=np.int32))[:-1]]).astype(np.int64))
-    np.save(tmp/"offsets.npy", np.concatenate([[0], np.cumsum(sizes)]))
-    (tmp/"vocab.txt").write_bytes(b"\n".join(vocab))
-    (tmp/"source_size").write_text(str(src.stat().st_size))
+    arrays = {"text": np.frombuffer(data, dtype=np.uint8), "offsets": np.concatenate([[0], np.cumsum(sizes)]),
+              "prefix_hash": prefix_hash, "prefix_phrase": np.where(is_phrase, np.arange(len(prefix_hash)), -1).astype(np.int32),
+              "entry_b": b, "group_start": np.append(group, n), "group_phrase": a[group],
+              "word_count": np.bincount(word_ids, minlength=len(words))}   # how often each word occurs in the table
+    for name, arr in arrays.items(): np.save(tmp/f"{name}.npy", arr)
+    (tmp/"vocab.txt").write_bytes("\n".join(words).encode("utf-8"))
+    (tmp/"stamp").write_text(f"{src.stat().st_size} {_PARA_FORMAT}")
     try:
         if dst.exists(): shutil.rmtree(dst)
         os.replace(tmp, dst)
     except OSError:                                            # another process published it first
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (dst/"source_size").exists(): raise
+        if not (dst/"stamp").exists(): raise
+    shutil.rmtree(dst.parent/"paraphrase-en.index", ignore_errors=True)   # the word-level index of earlier versions
 
 _PARA_INDEX = {}
 
@@ -231,43 +321,101 @@ def paraphrase_index() -> dict:
     "The parsed METEOR English paraphrase table (built on first use, then cached on disk and in memory)."
     src = pycocoevalcap_dir()/"meteor"/"data"/"paraphrase-en.gz"
     if not src.exists(): raise VlmreproError(f"METEOR paraphrase table {src} is missing; reinstall pycocoevalcap==1.2")
-    dst = cache_dir("meteor")/"paraphrase-en.index"
-    size = str(src.stat().st_size)
+    dst = cache_dir("meteor")/"paraphrase-en.phrases"
+    size = f"{src.stat().st_size} {_PARA_FORMAT}"
     if (dst, size) not in _PARA_INDEX:
-        stamp = dst/"source_size"
+        stamp = dst/"stamp"
         if not stamp.exists() or stamp.read_text() != size: _build_paraphrase_index(src, dst)
-        idx = {f[:-4]: np.load(dst/f, mmap_mode="r" if f == "text.npy" else None) for f in _PARA_FILES if f.endswith(".npy")}
-        idx["vocab"] = (dst/"vocab.txt").read_bytes().split(b"\n")
+        idx = {name: np.load(dst/f"{name}.npy", mmap_mode="r") for name in _PARA_FILES}
+        words = (dst/"vocab.txt").read_bytes().decode("utf-8").split("\n")
+        idx["vocab"] = {w: i for i, w in reversed(list(enumerate(words)))}   # a duplicate keeps its first id
         _PARA_INDEX.clear(); _PARA_INDEX[(dst, size)] = idx
     return _PARA_INDEX[(dst, size)]
 
-_PIECES = re.compile(r"[^\W_]+|[^\w\s]|_")
+# %% ../../nbs/20_metrics_caption.ipynb #5e8a0b77
+_PLAIN_LINE = re.compile(r"[0-9a-z ]*")
 
-def meteor_vocabulary(sentences) -> set[bytes]:
-    "Every lower-cased token of `sentences` and the pieces METEOR's normalisation may split it into."
-    vocab = set()
-    for s in sentences:
-        for tok in s.lower().split():
-            vocab.add(tok); vocab.update(_PIECES.findall(tok))
-            for sep in "'-/.,:":
-                if sep in tok:
-                    parts = tok.split(sep); vocab.update(parts); vocab.update(sep + p for p in parts[1:])
-                    vocab.update(p + sep for p in parts[:-1])
-    return {w.encode("utf-8") for w in vocab}
+def _offsets(lens) -> np.ndarray:
+    "Start of each of consecutive segments of lengths `lens`, and the total at the end."
+    out = np.zeros(len(lens) + 1, dtype=np.int64); np.cumsum(lens, out=out[1:]); return out
 
-def paraphrase_subset(sentences, path: str | os.PathLike) -> int:
-    "Write the paraphrase entries whose words all occur in `sentences` to gzip `path`; return how many."
+def _ragged(counts) -> tuple[np.ndarray, np.ndarray]:
+    "(segment, index within it) of every item of consecutive segments of sizes `counts`."
+    counts = np.asarray(counts, dtype=np.int64)
+    seg = np.repeat(np.arange(len(counts)), counts)
+    return seg, np.arange(len(seg)) - _offsets(counts)[seg]
+
+def meteor_token_ids(lines: list[str], vocab: dict) -> np.ndarray:
+    "Every line's METEOR tokens as ids in `vocab` (-1: not in it), lines separated by -2."
+    norm = [s if _PLAIN_LINE.fullmatch(s) else meteor_normalize(s) for s in lines]
+    words = " \n ".join(norm).split(" ")
+    ids = dict.fromkeys(words)
+    for w in ids: ids[w] = vocab.get(w, -1)
+    ids["\n"], ids[""] = -2, -3
+    out = np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
+    return out[out != -3]
+
+def phrase_occurrences(ids: np.ndarray, idx: dict) -> tuple[np.ndarray, np.ndarray]:
+    "(phrase, line) of every occurrence of a table phrase in `ids` (`meteor_token_ids`), word for word."
+    prefixes, phrase_of = idx["prefix_hash"], idx["prefix_phrase"]
+    line = np.cumsum(ids == -2)
+    at = np.flatnonzero(ids >= 0)
+    h = np.zeros(len(at), dtype=np.uint64)
+    phrases, lines = [], []
+    for k in range(MAX_PHRASE):
+        if k:                                                         # the next word must be known and on the same line
+            ok = at + k < len(ids); at, h = at[ok], h[ok]
+            ok = ids[at + k] >= 0; at, h = at[ok], h[ok]
+        if not len(at): break
+        h = h * _HASH_P + ids[at + k].astype(np.uint64) + np.uint64(1)
+        row = np.searchsorted(prefixes, h).clip(max=len(prefixes) - 1)
+        hit = prefixes[row] == h
+        at, h, row = at[hit], h[hit], row[hit]
+        p = phrase_of[row]; whole = p >= 0
+        phrases.append(p[whole].astype(np.int64)); lines.append(line[at[whole]])
+    if not phrases: return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(phrases), np.concatenate(lines)
+
+# %% ../../nbs/20_metrics_caption.ipynb #c7d2f5a9
+def entries_within_images(phrase: np.ndarray, image: np.ndarray, n_images: int, idx: dict) -> np.ndarray:
+    "Table entries (sorted) whose two phrases both occur among one image's sentences."
+    present = np.zeros(len(idx["prefix_hash"]), dtype=bool); present[phrase] = True
+    start, first = idx["group_start"], idx["group_phrase"]
+    groups = np.flatnonzero(present[first])
+    g, j = _ragged(start[groups + 1] - start[groups])
+    e = start[groups][g] + j
+    a, b = np.asarray(first[groups][g], dtype=np.int64), np.asarray(idx["entry_b"][e], dtype=np.int64)
+    ok = present[b]; e, a, b = e[ok], a[ok], b[ok]
+    pairs = np.unique(phrase * n_images + image)                      # (phrase, image), grouped by phrase
+    of = pairs // n_images
+    a0, b0 = np.searchsorted(of, a), np.searchsorted(of, b)
+    na, nb = np.searchsorted(of, a, "right") - a0, np.searchsorted(of, b, "right") - b0
+    by_a = na <= nb
+    cand, k = _ragged(np.minimum(na, nb))                             # each image of the rarer phrase
+    img = pairs[np.where(by_a, a0, b0)[cand] + k] % n_images
+    want = np.where(by_a, b, a)[cand] * n_images + img
+    found = pairs[np.searchsorted(pairs, want).clip(max=max(len(pairs) - 1, 0))] == want
+    keep = np.zeros(len(e), dtype=bool); keep[cand[found]] = True
+    return e[keep]
+
+def _write_entries(entries: np.ndarray, idx: dict, path: str | os.PathLike) -> int:
+    "Write table `entries` (sorted), byte for byte, to the gzip file `path`; return how many."
+    off, text = idx["offsets"], idx["text"]
+    if len(entries):
+        cut = np.flatnonzero(np.r_[True, entries[1:] != entries[:-1] + 1])    # runs of consecutive entries
+        first, last = entries[cut], np.append(entries[cut[1:] - 1], entries[-1])
+    else: first = last = np.zeros(0, np.int64)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        for a, b in zip(np.asarray(off[first]).tolist(), np.asarray(off[last + 1]).tolist()): f.write(text[a:b])
+    return len(entries)
+
+def paraphrase_subset(refs: list[list[str]], hyps: list[str], path: str | os.PathLike) -> int:
+    "Write the paraphrase entries that can fire for these tokenized captions to gzip `path`; return how many."
     idx = paraphrase_index()
-    want = meteor_vocabulary(sentences)
-    known = np.fromiter((w in want for w in idx["vocab"]), dtype=bool, count=len(idx["vocab"]))
-    bad_phrase = np.logical_or.reduceat(~known[idx["word_ids"]], idx["phrase_starts"])
-    n = len(idx["offsets"]) - 1
-    keep = np.flatnonzero(~(bad_phrase[:n] | bad_phrase[n:]))
-    starts, lens = idx["offsets"][keep], idx["offsets"][keep + 1] - idx["offsets"][keep]
-    first = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(keep) else np.zeros(0, np.int64)
-    pos = np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
-    with gzip.open(path, "wb", compresslevel=1) as f: f.write(np.asarray(idx["text"][pos]).tobytes())
-    return len(keep)
+    fields = [_meteor_fields(r, h) for r, h in zip(refs, hyps)]
+    image = np.repeat(np.arange(len(fields)), [len(f) for f in fields])
+    phrase, line = phrase_occurrences(meteor_token_ids([s for f in fields for s in f], idx["vocab"]), idx)
+    return _write_entries(entries_within_images(phrase, image[line], len(fields), idx), idx, path)
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
 def meteor_score(refs: list[list[str]], hyps: list[str], full_table: bool = False) -> tuple[float, list[float]]:
@@ -276,7 +424,7 @@ def meteor_score(refs: list[list[str]], hyps: list[str], full_table: bool = Fals
         table = None
         if not full_table:
             table = Path(d)/"paraphrase-subset.gz"
-            paraphrase_subset([s for r in refs for s in r] + list(hyps), table)
+            paraphrase_subset(refs, hyps, table)
         jar = MeteorJar(table)
         try: return jar.score(refs, hyps)
         finally: jar.close()
@@ -317,72 +465,94 @@ def encode_tokens(token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray,
     flat = np.array([sd(w, len(vocab)) for toks in token_lists for w in toks], dtype=np.int64)
     return flat, np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists)), len(vocab)
 
-_P, _PINV = np.uint64(0x100000001B3), np.uint64(pow(0x100000001B3, -1, 2**64))
-_OTHER_SPACE = re.compile(r"[^\S\n ]")
+_LINE_BREAK = "\x00"                                          # not whitespace for str.split, unlike \x1c-\x1f
 
-def encode_lines(text: str) -> tuple[np.ndarray, np.ndarray, int]:
-    "`encode_tokens` for newline-separated lines of space-separated tokens, by hashing their UTF-8 bytes with NumPy."
-    if not text.isascii() or any(c in text for c in "\t\r\x0b\x0c"): text = _OTHER_SPACE.sub(" ", text)
-    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    n_lines = text.count("\n") + 1
-    sep = (b == 32) | (b == 10)
-    starts = np.flatnonzero(~sep & np.r_[True, sep[:-1]]); ends = np.flatnonzero(~sep & np.r_[sep[1:], True]) + 1
-    pw = np.cumprod(np.full(len(b), _P, dtype=np.uint64))                         # P^(i+1), wrapping mod 2^64
-    S = np.concatenate([np.zeros(1, np.uint64), np.cumsum(b.astype(np.uint64) * pw, dtype=np.uint64)])
-    ipw = np.concatenate([np.ones(1, np.uint64), np.cumprod(np.full(len(b), _PINV, dtype=np.uint64))])
-    h = (S[ends] - S[starts]) * ipw[starts] + (ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    uniq, flat = np.unique(h, return_inverse=True)
-    lens = np.bincount(np.cumsum(b == 10)[starts], minlength=n_lines) if len(starts) else np.zeros(n_lines, np.int64)
-    return flat.astype(np.int64), lens.astype(np.int64), len(uniq)
+def _word_ids(lines: list[str], lower: bool = False) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    "(id of every whitespace-separated word, its line, {word: id}), or None if a line holds the break marker."
+    text = f" {_LINE_BREAK} ".join(lines)
+    if text.count(_LINE_BREAK) != max(len(lines) - 1, 0): return None
+    if lower: text = text.lower()
+    words = text.split()
+    ids = dict.fromkeys(words); ids.pop(_LINE_BREAK, None)
+    for k, w in enumerate(ids): ids[w] = k
+    ids[_LINE_BREAK] = -1
+    occ = np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
+    brk = occ < 0
+    del ids[_LINE_BREAK]
+    return occ[~brk], np.cumsum(brk)[~brk], ids
 
-def ngram_table(flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4) -> dict:
-    "Counts of every n-gram (n = 1..`n`) in every sentence, as rows ordered like pycocoevalcap's `precook`."
-    S = len(lens); starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    sent = np.repeat(np.arange(S), lens); pos = np.arange(len(flat)) - starts[sent]
-    left = lens[sent] - pos                                                  # tokens from here to the sentence end
-    rows, offset, dense = [], 0, flat
-    for k in range(1, n + 1):
-        m = len(flat) - k + 1
-        if m <= 0: break
-        code = flat if k == 1 else dense[:m] * (V + 1) + flat[k - 1:]       # (k-1)-gram id, next token
-        ok = left[:m] >= k                                                   # the k-gram stays inside its sentence
-        if not ok.any(): break
-        c, s, p = code[ok], sent[:m][ok], pos[:m][ok]
-        o = np.argsort(c * S + s)                                            # one sort: by gram, then sentence
-        cs, ss = c[o], s[o]
-        new_gram = np.r_[True, cs[1:] != cs[:-1]]
-        gid_sorted = np.cumsum(new_gram) - 1
-        gid = np.empty(len(c), dtype=np.int64); gid[o] = gid_sorted
-        dense = np.zeros(m, dtype=np.int64); dense[ok] = gid
-        cut = np.flatnonzero(new_gram | np.r_[True, ss[1:] != ss[:-1]])
-        rows.append((ss[cut], gid_sorted[cut] + offset, np.diff(np.r_[cut, len(cs)]), np.full(len(cut), k - 1),
-                     np.minimum.reduceat(p[o], cut)))
-        offset += int(gid_sorted[-1]) + 1
-    if not rows: rows = [tuple(np.zeros(0, dtype=np.int64) for _ in range(5))]
-    s, g, c, k, p = (np.concatenate(x) for x in zip(*rows))
-    L = int(lens.max()) + 1 if len(lens) else 1
-    key = (s * n + k) * L + p                                  # by sentence, then n, then first occurrence
-    if S * n * L <= 64 * max(len(key), 1 << 20):                # unique bounded keys: a counting sort, no comparisons
-        slot = np.full(S * n * L, -1, dtype=np.int64); slot[key] = np.arange(len(key)); srt = slot[slot >= 0]
-    else: srt = np.argsort(key)
-    return dict(sent=s[srt], gram=g[srt], count=c[srt], k=k[srt], G=offset, S=S, lens=lens, n=n)
+def encode_token_strings(lines: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    "`encode_tokens` for sentences given as strings of space-separated tokens."
+    got = _word_ids(lines)
+    if got is None: return encode_tokens([s.split() for s in lines])
+    occ, line, ids = got
+    return occ, np.bincount(line, minlength=len(lines)).astype(np.int64), len(ids)
+
+# %% ../../nbs/20_metrics_caption.ipynb #3f4be0c2
+class CaptionSet:
+    "Encoded captions laid out image by image — its references, then its hypothesis — and where everything is."
+    def __init__(self, n_refs, flat: np.ndarray, lens: np.ndarray, V: int):
+        nr = np.asarray(n_refs, dtype=np.int64); lens = np.asarray(lens, dtype=np.int64)
+        self.N, self.R, self.V, self.n_refs = len(nr), int(nr.sum()), V, nr
+        self.img, j = _ragged(nr + 1)                                  # image of each sentence, index within it
+        self.is_hyp = j == nr[self.img]
+        given = np.where(self.is_hyp, self.R + self.img, _offsets(nr)[self.img] + j)   # index in the input order
+        self.lens, self.S = lens[given], len(given)
+        self.start = _offsets(self.lens)
+        self.sent, self.pos = _ragged(self.lens)                       # sentence of each token, position in it
+        self.left = self.lens[self.sent] - self.pos                    # tokens from there to the sentence's end
+        self.tok = np.asarray(flat, dtype=np.int64)[_offsets(lens)[given][self.sent] + self.pos]
+        self.T = len(self.tok)
+        self.ref_row = np.where(self.is_hyp, -1, np.arange(self.S) - self.img)   # a reference's input index
+        self.hyp_lens, self.ref_lens, self.ref_img = self.lens[self.is_hyp], self.lens[~self.is_hyp], self.img[~self.is_hyp]
+
+# %% ../../nbs/20_metrics_caption.ipynb #51863f46
+def _sorted_grams(code: np.ndarray, at: np.ndarray, T: int, V: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    "`code` and `at` sorted by code, then position: one radix pass for unigrams, else one sort of packed int64 keys."
+    if n == 1 and V <= 1 << 16:
+        o = np.argsort(code.astype(np.uint16), kind="stable"); return code[o], at[o]
+    b = max(int(T).bit_length(), 1)
+    if len(code) and int(code.max()) < 1 << (62 - b):
+        key = np.sort((code << b) | at); return key >> b, key & ((1 << b) - 1)
+    o = np.argsort(code, kind="stable"); return code[o], at[o]
+
+def gram_runs(cs: CaptionSet, n: int, prev: dict | None) -> dict | None:
+    "Every n-gram occurrence grouped by gram, then sentence: runs (one gram in one sentence) and blocks (in one image)."
+    at = np.flatnonzero(cs.left >= n)                                # where an n-gram starts
+    if not len(at): return None
+    lone = np.zeros(0, np.int64)
+    if n == 1: code, at = _sorted_grams(cs.tok[at], at, cs.T, cs.V, 1)
+    else:                                                             # an n-gram holding an (n-1)-gram that occurs once is unique
+        p = prev["ids"][at]; once = (prev["count"][p] == 1) | (prev["count"][prev["ids"][at + 1]] == 1)
+        lone, at = at[once], at[~once]
+        code, at = _sorted_grams(p[~once] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
+    new_gram = np.r_[True, code[1:] != code[:-1]] if len(code) else np.zeros(0, bool)
+    gram = np.cumsum(new_gram) - 1
+    G = int(gram[-1]) + 1 if len(gram) else 0
+    ids = np.full(cs.T, -1, dtype=np.int64); ids[at] = gram; ids[lone] = G   # for n + 1; G stands for "occurs once"
+    s = cs.sent[at]
+    rs = np.flatnonzero(new_gram | np.r_[True, s[1:] != s[:-1]]) if len(at) else np.zeros(0, np.int64)
+    run_s = s[rs]; run_img = cs.img[run_s]
+    new_block = new_gram[rs] | np.r_[True, run_img[1:] != run_img[:-1]] if len(rs) else np.zeros(0, bool)
+    return dict(n=n, G=G, ids=ids, count=np.append(np.diff(np.append(np.flatnonzero(new_gram), len(at))), 1), at=at,
+                lone=lone, rs=rs, tf=np.diff(np.append(rs, len(at))), s=run_s, g=gram[rs], first=at[rs], img=run_img,
+                hyp=cs.is_hyp[run_s], block=np.cumsum(new_block) - 1, bs=np.flatnonzero(new_block))
+
+def _block_last(r: dict) -> tuple[np.ndarray, np.ndarray]:
+    "Each block's last run, and whether it is a hypothesis' run."
+    last = np.append(r["bs"][1:], len(r["rs"])) - 1 if len(r["bs"]) else np.zeros(0, np.int64)
+    return last, r["hyp"][last]
 
 # %% ../../nbs/20_metrics_caption.ipynb #29074331
-def _group_max(keys, vals):
-    "Unique keys and the max of `vals` per key."
-    srt = np.argsort(keys); keys, vals = keys[srt], vals[srt]
-    cut = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return keys[cut], np.maximum.reduceat(vals, cut) if len(vals) else vals
+def clipped_counts(cs: CaptionSet, r: dict) -> np.ndarray:
+    "BLEU's matches of each hypothesis: its count of each n-gram clipped to the most any reference has, summed."
+    if not len(r["rs"]): return np.zeros(cs.N, dtype=np.int64)        # (a unique n-gram matches nothing)
+    ref_tf = np.where(r["hyp"], 0, r["tf"])
+    ref_max = np.maximum.reduceat(ref_tf, r["bs"])
+    h = np.flatnonzero(r["hyp"])
+    return np.bincount(r["img"][h], np.minimum(r["tf"][h], ref_max[r["block"][h]]), minlength=cs.N).astype(np.int64)
 
-def _bleu(tab, img_of_sent, n_refs_sents, hyp_lens, ref_lens, ref_img, N, n=4):
-    G = tab["G"]; s, g, c, k = tab["sent"], tab["gram"], tab["count"], tab["k"]
-    is_ref = s < n_refs_sents
-    rkey, rmax = _group_max(img_of_sent[s[is_ref]] * G + g[is_ref], c[is_ref])
-    h = ~is_ref; hs, hkey, hc = s[h] - n_refs_sents, img_of_sent[s[h]] * G + g[h], c[h]
-    pos = np.searchsorted(rkey, hkey).clip(max=max(len(rkey) - 1, 0))
-    hit = rkey[pos] == hkey if len(rkey) else np.zeros(len(hkey), bool)
-    clipped = np.where(hit, np.minimum(hc, rmax[pos] if len(rkey) else 0), 0)
-    correct = np.bincount(hs * n + k[h], clipped, minlength=N * n).reshape(N, n).astype(np.int64)
+def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4):
     guess = np.maximum(0, hyp_lens[:, None] - np.arange(n)[None, :])
     BIG = 1 << 32
     dist = np.abs(ref_lens - hyp_lens[ref_img]) * BIG + ref_lens
@@ -407,39 +577,45 @@ def _bleu(tab, img_of_sent, n_refs_sents, hyp_lens, ref_lens, ref_img, N, n=4):
     return bleus, per
 
 # %% ../../nbs/20_metrics_caption.ipynb #15433170
-def _cider(tab, img_of_sent, n_ref_sents, ref_img, N, n=4, sigma=6.0):
-    G = tab["G"]; s, g, c, k = tab["sent"], tab["gram"], tab["count"], tab["k"]
-    is_ref = s < n_ref_sents
-    pairs = np.sort(img_of_sent[s[is_ref]] * G + g[is_ref])
-    df = np.bincount(pairs[np.r_[True, pairs[1:] != pairs[:-1]]] % G, minlength=G)
+def _idf(df, N: int) -> np.ndarray:
+    "log N - log max(1, df), taken once per distinct df with pycocoevalcap's scalar expression."
     ref_len = np.log(float(N))
-    udf, inv = np.unique(df, return_inverse=True)
-    idf = np.array([ref_len - np.log(max(1.0, float(d))) for d in udf])[inv]
-    w = c.astype(np.float64) * idf[g]
-    S = tab["S"]
-    norm = np.sqrt(np.bincount(s * n + k, w * w, minlength=S * n)).reshape(S, n)
-    # match each reference row with the hypothesis row of the same image and n-gram
-    h = ~is_ref
-    hrow = np.flatnonzero(h); hkey = img_of_sent[s[h]] * G + g[h]
-    srt = np.argsort(hkey); hkey, hrow = hkey[srt], hrow[srt]                # keys are unique
-    rrow = np.flatnonzero(is_ref); rkey = img_of_sent[s[is_ref]] * G + g[is_ref]
-    pos = np.searchsorted(hkey, rkey).clip(max=max(len(hkey) - 1, 0))
-    hit = hkey[pos] == rkey if len(hkey) else np.zeros(len(rkey), bool)
-    mr, mh = rrow[hit], hrow[pos[hit]]
-    o = np.argsort(s[mr] * (len(s) + 1) + mh); mr, mh = mr[o], mh[o]   # per reference, in the hypothesis' gram order
-    dot = np.bincount(s[mr] * n + k[mr], np.minimum(w[mh], w[mr]) * w[mr], minlength=S * n).reshape(S, n)[:n_ref_sents]
-    hyp_norm = norm[n_ref_sents:][ref_img]; rnorm = norm[:n_ref_sents]
+    values = np.flatnonzero(np.bincount(df, minlength=2))
+    idf = np.zeros(int(values[-1]) + 1)
+    for d in values.tolist(): idf[d] = ref_len - np.log(max(1.0, float(d)))
+    return idf[df]
+
+def cider_terms(cs: CaptionSet, r: dict) -> tuple[np.ndarray, np.ndarray]:
+    "(squared norm of each sentence's tf-idf vector, each reference's clipped dot product with its hypothesis)."
+    last, has_hyp = _block_last(r)
+    bs = r["bs"]
+    df = np.bincount(r["g"][bs[~r["hyp"][bs]]], minlength=r["G"] + 1)   # a block holds a reference iff its first run does
+    idf = _idf(df, cs.N)                                             # idf[G]: a unique n-gram's, df 0 or 1 alike
+    w = r["tf"].astype(np.float64) * idf[r["g"]]
+    once = 1.0 * idf[r["G"]]
+    sq = np.zeros(cs.T); sq[r["first"]] = w * w; sq[r["lone"]] = once * once
+    norm2 = np.bincount(cs.sent, sq, minlength=cs.S)
+    ref = np.flatnonzero(~r["hyp"] & has_hyp[r["block"]])
+    h = last[r["block"][ref]]
+    term = np.minimum(w[h], w[ref]) * w[ref]
+    o = np.argsort(r["s"][ref] * cs.T + r["first"][h])
+    dot = np.bincount(cs.ref_row[r["s"][ref][o]], term[o], minlength=cs.R)
+    return norm2, dot
+
+def _cider(cs: CaptionSet, norm2: np.ndarray, dot: np.ndarray, n=4, sigma=6.0):
+    norm = np.sqrt(norm2)
+    hyp_norm = norm[cs.is_hyp][cs.ref_img]; rnorm = norm[~cs.is_hyp]
     den = hyp_norm * rnorm
     val = np.where((hyp_norm != 0) & (rnorm != 0), dot / np.where(den == 0, 1, den), dot)
-    lens = np.maximum(tab["lens"] - 1, 0)
-    delta = (lens[n_ref_sents:][ref_img] - lens[:n_ref_sents]).astype(np.float64)
+    lens = np.maximum(cs.lens - 1, 0)
+    delta = (lens[cs.is_hyp][cs.ref_img] - lens[~cs.is_hyp]).astype(np.float64)
     ud, dinv = np.unique(delta, return_inverse=True)
     pen = np.array([np.e ** (-(float(d) ** 2) / (2 * sigma ** 2)) for d in ud])[dinv]
     val = val * pen[:, None]
-    per_n = [np.bincount(ref_img, val[:, j], minlength=N) for j in range(n)]   # sum over references, in order
+    per_n = [np.bincount(cs.ref_img, val[:, j], minlength=cs.N) for j in range(n)]   # sum over references, in order
     scores = per_n[0]
     for j in range(1, n): scores = scores + per_n[j]                # then np.mean over n: left to right, / n
-    scores = scores / n / np.bincount(ref_img, minlength=N) * 10.0
+    scores = scores / n / cs.n_refs * 10.0
     return np.mean(scores), scores
 
 # %% ../../nbs/20_metrics_caption.ipynb #90ad73b4
@@ -455,42 +631,54 @@ def lcs_length(a: list, b: list) -> int:
         v = ((v + u) | (v - u)) & full
     return len(b) - bin(v).count("1")
 
-def _pad(flat, lens, fill):
-    L = int(lens.max()) if len(lens) else 0
-    out = np.full((len(lens), max(L, 1)), fill, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    row = np.repeat(np.arange(len(lens)), lens)
-    out[row, np.arange(len(flat)) - starts[row]] = flat
-    return out
+WORD = 64
 
-def lcs_lengths(ref_flat, ref_lens, hyp_flat, hyp_lens) -> np.ndarray:
-    "LCS length of each (reference, hypothesis) pair of token-id sequences, vectorised over pairs."
-    P = len(ref_lens); out = np.zeros(P, dtype=np.int64)
-    short = ref_lens <= 64
-    R = _pad(ref_flat, ref_lens, -1); H = _pad(hyp_flat, hyp_lens, -2)
-    Rs, Ls = R[short][:, :64], ref_lens[short]
-    bits = np.left_shift(np.uint64(1), np.arange(Rs.shape[1], dtype=np.uint64))
-    full = np.where(Ls >= 64, np.uint64(2**64 - 1), (np.uint64(1) << Ls.astype(np.uint64)) - np.uint64(1))
-    v = full.copy(); Hs, hl = H[short], hyp_lens[short]
-    for t in range(H.shape[1]):
-        active = t < hl
-        if not active.any(): break
-        m = ((Rs == Hs[:, t:t + 1]) * bits).sum(axis=1, dtype=np.uint64)
-        u = v & m
-        v = np.where(active, ((v + u) | (v - u)) & full, v)
-    out[short] = Ls - np.bitwise_count(v).astype(np.int64)
-    rs, hs = np.concatenate([[0], np.cumsum(ref_lens)]), np.concatenate([[0], np.cumsum(hyp_lens)])
+def _match_masks(cs: CaptionSet, r1: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(reference row, hypothesis position, mask of that token's positions in the reference) for every match."
+    pos = cs.pos[r1["at"]]
+    bits = np.where(pos < WORD, np.left_shift(np.uint64(1), np.minimum(pos, WORD - 1).astype(np.uint64)), np.uint64(0))
+    run_bits = np.bitwise_or.reduceat(bits, r1["rs"])
+    last, has_hyp = _block_last(r1)
+    n_ref = last - r1["bs"]                                          # reference runs before the hypothesis' run
+    blocks = np.flatnonzero(has_hyp & (n_ref > 0))
+    hyp_run = last[blocks]
+    occ_blk, k = _ragged(r1["tf"][hyp_run])                          # each occurrence of the token in the hypothesis
+    occ = r1["rs"][hyp_run][occ_blk] + k
+    pair, j = _ragged(n_ref[blocks][occ_blk])                        # ... with each reference run of the block
+    ref_run = r1["bs"][blocks][occ_blk][pair] + j
+    return cs.ref_row[r1["s"][ref_run]], cs.pos[r1["at"][occ[pair]]], run_bits[ref_run]
+
+def lcs_lengths(cs: CaptionSet, r1: dict | None) -> np.ndarray:
+    "LCS length of every reference with its image's hypothesis, in ROUGE-L's tokens."
+    ref_len, hyp_len = np.maximum(cs.ref_lens, 1), np.maximum(cs.hyp_lens, 1)[cs.ref_img]
+    out = np.zeros(cs.R, dtype=np.int64)
+    short = (ref_len <= WORD) & (hyp_len <= WORD)
+    rows = np.flatnonzero(short)
+    if len(rows):
+        M = np.zeros((len(rows), int(hyp_len[rows].max())), dtype=np.uint64)
+        if r1 is not None:
+            row, t, mask = _match_masks(cs, r1)
+            where = np.full(cs.R, -1, dtype=np.int64); where[rows] = np.arange(len(rows))
+            keep = short[row]; M[where[row[keep]], t[keep]] = mask[keep]
+        L = ref_len[rows].astype(np.uint64)
+        full = np.where(L >= WORD, np.uint64(2**64 - 1), (np.uint64(1) << np.minimum(L, WORD - 1)) - np.uint64(1))
+        v = full.copy()
+        for col in M.T:                                              # a zero mask (past the hypothesis' end) changes nothing
+            u = v & col
+            v = ((v + u) | (v - u)) & full
+        out[rows] = ref_len[rows] - np.bitwise_count(v).astype(np.int64)
+    out[(cs.ref_lens == 0) & (cs.hyp_lens[cs.ref_img] == 0)] = 1     # two empty captions: one equal (empty) token
+    ref_sent, hyp_sent = np.flatnonzero(~cs.is_hyp), np.flatnonzero(cs.is_hyp)
     for i in np.flatnonzero(~short).tolist():
-        out[i] = lcs_length(ref_flat[rs[i]:rs[i + 1]].tolist(), hyp_flat[hs[i]:hs[i + 1]].tolist())
+        a, b = ref_sent[i], hyp_sent[cs.ref_img[i]]
+        out[i] = lcs_length(cs.tok[cs.start[a]:cs.start[a + 1]].tolist() or [-1],
+                            cs.tok[cs.start[b]:cs.start[b + 1]].tolist() or [-1])
     return out
 
-def _rouge(ref_flat, ref_lens, hyp_flat, hyp_lens, ref_img, beta=1.2):
-    hs = np.concatenate([[0], np.cumsum(hyp_lens)])
-    ln = hyp_lens[ref_img]
-    idx = np.repeat(hs[ref_img] - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln) + np.arange(int(ln.sum()))
-    lcs = lcs_lengths(ref_flat, ref_lens, hyp_flat[idx], hyp_lens[ref_img])
-    prec = lcs / hyp_lens[ref_img].astype(np.float64); rec = lcs / ref_lens.astype(np.float64)
-    cut = np.flatnonzero(np.r_[True, ref_img[1:] != ref_img[:-1]])
+def _rouge(cs: CaptionSet, lcs: np.ndarray, beta=1.2):
+    prec = lcs / np.maximum(cs.hyp_lens, 1)[cs.ref_img].astype(np.float64)
+    rec = lcs / np.maximum(cs.ref_lens, 1).astype(np.float64)
+    cut = np.flatnonzero(np.r_[True, cs.ref_img[1:] != cs.ref_img[:-1]])
     p, r = np.maximum.reduceat(prec, cut), np.maximum.reduceat(rec, cut)
     ok = (p != 0) & (r != 0)
     scores = np.where(ok, ((1 + beta**2) * p * r) / np.where(ok, r + beta**2 * p, 1), 0.0)
@@ -500,26 +688,24 @@ def _rouge(ref_flat, ref_lens, hyp_flat, hyp_lens, ref_img, beta=1.2):
 def caption_scores(refs: list[list[str]], hyps: list[str]) -> dict:
     "BLEU-1..4, ROUGE-L and CIDEr-D (corpus value, per-image array) of tokenized hypotheses vs tokenized references."
     if any(len(r) == 0 for r in refs): raise VlmreproError("every image needs at least one reference caption")
-    lines = [r.replace("\n", " ") for rs in refs for r in rs] + [h.replace("\n", " ") for h in hyps]
-    return _scores_from_encoded([len(r) for r in refs], *encode_lines("\n".join(lines)))
+    return _scores_from_encoded([len(r) for r in refs], *encode_token_strings([s for r in refs for s in r] + list(hyps)))
 
-def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int) -> dict:
-    N = len(n_refs)
-    if N == 0: raise VlmreproError("no captions to score")
-    ref_img = np.repeat(np.arange(N), n_refs)
-    R = len(ref_img)
-    img_of_sent = np.concatenate([ref_img, np.arange(N)])
-    tab = ngram_table(flat, lens, V)
-    bleus, bleu_per = _bleu(tab, img_of_sent, R, lens[R:], lens[:R], ref_img, N)
-    cider, cider_per = _cider(tab, img_of_sent, R, ref_img, N)
-    # ROUGE-L splits on " ": an empty caption is one empty token (id V), as in pycocoevalcap
-    rl = np.where(lens == 0, 1, lens)
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    empty = np.flatnonzero(lens == 0)
-    rflat = np.insert(flat, starts[empty], V) if len(empty) else flat
-    cut = int(rl[:R].sum())
-    rouge, rouge_per = _rouge(rflat[:cut], rl[:R], rflat[cut:], rl[R:], ref_img)
-    out = {f"Bleu_{j + 1}": (bleus[j], np.array(bleu_per[j])) for j in range(4)}
+def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4) -> dict:
+    if len(n_refs) == 0: raise VlmreproError("no captions to score")
+    cs = CaptionSet(n_refs, flat, lens, V)
+    correct = np.zeros((cs.N, n), dtype=np.int64); norm2 = np.zeros((cs.S, n)); dot = np.zeros((cs.R, n))
+    prev = r1 = None
+    for k in range(1, n + 1):
+        r = gram_runs(cs, k, prev)
+        if r is None: break
+        r1 = r1 or r
+        correct[:, k - 1] = clipped_counts(cs, r)
+        norm2[:, k - 1], dot[:, k - 1] = cider_terms(cs, r)
+        prev = r
+    bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n)
+    cider, cider_per = _cider(cs, norm2, dot, n)
+    rouge, rouge_per = _rouge(cs, lcs_lengths(cs, r1))
+    out = {f"Bleu_{j + 1}": (bleus[j], np.array(bleu_per[j])) for j in range(n)}
     out["ROUGE_L"] = (rouge, rouge_per); out["CIDEr"] = (cider, cider_per)
     return out
 
@@ -559,6 +745,18 @@ def fast_tokenize(sentence: str) -> str:
     "`fast_tokenize_all` for one sentence."
     return fast_tokenize_all([sentence])[0]
 
+def fast_encode(sentences: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    "The fast tokenizer's tokens of every sentence as ids (`encode_tokens`), normalising each distinct word once."
+    got = _word_ids(sentences, lower=True)
+    if got is None: return encode_tokens(fast_token_lists(sentences))
+    occ, line, words = got
+    tok, word, vocab = _word_ids(fast_normalized_text(list(words)).split("\n"))   # each distinct word's tokens: 0, 1, more
+    counts = np.bincount(word, minlength=len(words))
+    n = counts[occ]
+    seg, k = _ragged(n)
+    flat = tok[_offsets(counts)[occ][seg] + k]
+    return flat, np.bincount(line, weights=n, minlength=len(sentences)).astype(np.int64), len(vocab)
+
 # %% ../../nbs/20_metrics_caption.ipynb #3c54c398
 def evaluate_captions(references, predictions, fast: bool = False, spice: bool = False, subset: bool = False,
                       per_image: bool = False) -> dict:
@@ -568,7 +766,7 @@ def evaluate_captions(references, predictions, fast: bool = False, spice: bool =
     ids = align_captions(refs_all, preds, subset=subset)
     raw_refs, raw_hyps = [refs_all[i] for i in ids], [preds[i] for i in ids]
     if fast:
-        encoded = encode_lines(fast_normalized_text([c for rs in raw_refs for c in rs] + raw_hyps))
+        encoded = fast_encode([c for rs in raw_refs for c in rs] + raw_hyps)
         meteor = None
     else:
         flat = [c for rs in raw_refs for c in rs] + raw_hyps

@@ -14,19 +14,23 @@ from ..registry import find_systems, repo_root
 from ..runner import results_root
 
 # %% auto #0
-__all__ = ['DIRECTIVE', 'CHROMIUM_FLAGS', 'process_notebooks', 'page_name', 'paper_page', 'prepare_notebook', 'collect_pages',
-           'mkdocs_config', 'build_docs', 'broken_links', 'chromium_binary', 'screenshot', 'make_docs']
+__all__ = ['DIRECTIVE', 'HIDDEN_CELL_TAGS', 'WIDGET_VIEW', 'WIDGET_STATE', 'SITE_CSS', 'CHROMIUM_FLAGS', 'MACHINE_PATH',
+           'process_notebooks', 'page_name', 'paper_page', 'prepare_notebook', 'static_widgets', 'is_progress_residue',
+           'collect_pages', 'mkdocs_config', 'build_docs', 'matched_metrics', 'results_figure', 'results_page',
+           'broken_links', 'chromium_binary', 'screenshot', 'screenshot_pages', 'take_screenshots', 'machine_paths',
+           'make_docs']
 
 # %% ../../nbs/90_docs.ipynb #741c8081
 def process_notebooks(root: Path) -> Path:
-    "Run nbdev's notebook processing (the step before Quarto) into <root>/_proc."
-    out = subprocess.run([str(Path(sys.executable).parent/"nbdev_proc_nbs"), "--n_workers", "0"], cwd=root,
+    "Run nbdev's notebook processing (the step before Quarto) into <root>/_proc, without its Quarto installer."
+    out = subprocess.run([sys.executable, "-c", "from nbdev.serve import proc_nbs; proc_nbs(n_workers=0)"], cwd=root,
                          capture_output=True, text=True)
-    if out.returncode: raise VlmreproError(f"nbdev_proc_nbs failed:\n{out.stderr[-2000:]}")
+    if out.returncode: raise VlmreproError(f"nbdev's notebook processing failed:\n{out.stderr[-2000:]}")
     return root/"_proc"
 
 # %% ../../nbs/90_docs.ipynb #ac90f126
 DIRECTIVE = re.compile(r"^\s*#\|.*\n?", re.M)
+HIDDEN_CELL_TAGS = {"hide", "injected-parameters"}   # papermill's injected copy of the parameters: the parameters cell stays
 
 def page_name(nb_path: Path) -> str:
     "nbdev's page name for a notebook: the file stem without its numeric prefix."
@@ -43,8 +47,10 @@ def _site_url(root: Path) -> str:
 
 def prepare_notebook(nb: dict, site_url: str) -> dict:
     "A Quarto-processed notebook made ready for mkdocs-jupyter."
+    nb = static_widgets(nb)
     cells = []
     for c in nb["cells"]:
+        if HIDDEN_CELL_TAGS & set(c.get("metadata", {}).get("tags", [])): continue
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         if c["cell_type"] == "raw" and src.startswith("---"):
             front = yaml.safe_load(src.strip().strip("-")) or {}
@@ -55,6 +61,7 @@ def prepare_notebook(nb: dict, site_url: str) -> dict:
         if c["cell_type"] == "code": src = DIRECTIVE.sub("", src)
         if site_url: src = src.replace(site_url, "")
         c = {**c, "source": src, "metadata": {**c.get("metadata", {}), "tags": tags}}
+        if c["cell_type"] == "code": c["outputs"] = [o for o in c.get("outputs", []) if not is_progress_residue(o)]
         if site_url and c["cell_type"] == "code":
             for o in c.get("outputs", []):
                 for k, v in o.get("data", {}).items():
@@ -62,6 +69,48 @@ def prepare_notebook(nb: dict, site_url: str) -> dict:
                         o["data"][k] = ("".join(v) if isinstance(v, list) else v).replace(site_url, "")
         cells.append(c)
     return {**nb, "cells": cells}
+
+# %% ../../nbs/90_docs.ipynb #6d2a0e91
+WIDGET_VIEW, WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"
+_BOXES = {"HBoxModel": "row", "VBoxModel": "column", "BoxModel": "row", "GridBoxModel": "row"}
+
+def _widget_html(model_id: str, state: dict, depth: int = 0) -> str:
+    "Static HTML for a widget model from a notebook's saved widget state ('' if it is not there)."
+    m = state.get(model_id)
+    if m is None or depth > 20: return ""
+    name, s = m.get("model_name", ""), m.get("state", {})
+    if name in _BOXES:
+        kids = "".join(_widget_html(str(k).removeprefix("IPY_MODEL_"), state, depth + 1) for k in s.get("children", []))
+        return f'<div class="vlm-widget-{_BOXES[name]}">{kids}</div>'
+    if name in ("HTMLModel", "HTMLMathModel"): return f'<span class="vlm-widget-text">{s.get("value", "")}</span>'
+    if name == "LabelModel": return f'<span class="vlm-widget-text">{html.escape(str(s.get("value", "")))}</span>'
+    if name in ("FloatProgressModel", "IntProgressModel"):
+        return (f'<progress class="vlm-widget-progress {html.escape(str(s.get("bar_style", "")))}" '
+                f'max="{float(s.get("max", 100))}" value="{float(s.get("value", 0))}"></progress>')
+    return f'<span class="vlm-widget-text">{html.escape(str(s.get("description") or ""))}</span>'
+
+def static_widgets(nb: dict) -> dict:
+    "`nb` with each widget output drawn as static HTML from its saved last state (left out if none was saved)."
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    cells = []
+    for c in nb["cells"]:
+        outs = []
+        for o in c.get("outputs", []):
+            view = o.get("data", {}).get(WIDGET_VIEW)
+            if view is None: outs.append(o); continue
+            body = _widget_html(str(view.get("model_id", "")), state)
+            if body: outs.append({**o, "data": {"text/html": f'<div class="vlm-widget">{body}</div>'}})
+        cells.append({**c, "outputs": outs} if "outputs" in c else c)
+    meta = {k: v for k, v in nb.get("metadata", {}).items() if k != "widgets"}   # nothing left for a widget manager
+    return {**nb, "cells": cells, "metadata": meta}
+
+_PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+(?:\.\d+)?(?:it/s|s/it)\]")
+
+def is_progress_residue(out: dict) -> bool:
+    "Whether a stderr output is only a text progress bar (tqdm without widgets) or the blank lines it leaves."
+    if out.get("output_type") != "stream" or out.get("name") != "stderr": return False
+    text = "".join(out["text"]) if isinstance(out.get("text"), list) else out.get("text", "")
+    return all(_PROGRESS.search(line) for line in re.split(r"[\r\n]", text) if line.strip())
 
 # %% ../../nbs/90_docs.ipynb #06ae901a
 def collect_pages(root: Path, proc: Path, results: Path) -> list[tuple[str, str, Path]]:
@@ -92,8 +141,25 @@ def mkdocs_config(pages: list[tuple[str, str, Path]], title: str) -> dict:
     return {"site_name": title, "docs_dir": "src", "site_dir": "site", "use_directory_urls": False, "nav": nav,
             "theme": {"name": "material", "font": False, "features": ["navigation.sections"]},
             "plugins": [{"search": {}}, {"mkdocs-jupyter": {"include": ["*.ipynb"], "execute": False, "include_source": True, "cache": False,
-                                                            "remove_tag_config": {"remove_input_tags": ["remove_input"], "remove_cell_tags": ["hide"]}}}],
+                                                            "remove_tag_config": {"remove_input_tags": ["remove_input"],
+                                                                                  "remove_cell_tags": ["hide", "injected-parameters"]}}}],
+            "extra_css": ["vlmrepro.css"],
             "markdown_extensions": ["tables", "admonition", {"toc": {"permalink": True}}]}
+
+SITE_CSS = """/* long code lines and outputs wrap (or scroll) instead of running off the right edge */
+.jupyter-wrapper .highlight pre, .jupyter-wrapper .jp-OutputArea-output pre, .md-typeset pre > code {
+  white-space: pre-wrap; overflow-wrap: anywhere; overflow-x: auto; }
+.jupyter-wrapper .jp-OutputArea-output, .jupyter-wrapper .jp-Cell-inputWrapper { overflow-x: auto; }
+.jupyter-wrapper .jp-OutputArea-output img { max-width: 100%; height: auto; }
+.md-typeset table:not([class]) { display: block; overflow-x: auto; }
+/* widgets saved with an executed notebook, drawn without JavaScript (see static_widgets) */
+.vlm-widget, .vlm-widget-row { display: flex; align-items: center; gap: 0.6em; flex-wrap: wrap; }
+.vlm-widget-column { display: flex; flex-direction: column; }
+.vlm-widget-text { font-family: var(--md-code-font-family, monospace); font-size: 0.8em; }
+.vlm-widget-progress { width: 16em; height: 1em; accent-color: #2196f3; }
+.vlm-widget-progress.success { accent-color: #4caf50; }
+.vlm-widget-progress.danger { accent-color: #f44336; }
+"""
 
 # %% ../../nbs/90_docs.ipynb #2d741d8e
 def build_docs(out: str | os.PathLike | None = None, root: str | os.PathLike | None = None) -> Path:
@@ -102,12 +168,15 @@ def build_docs(out: str | os.PathLike | None = None, root: str | os.PathLike | N
     ensure_writable_dir(out.parent, "docs output directory")
     proc = process_notebooks(root)
     work = root/"_docs_build"; shutil.rmtree(work, ignore_errors=True); (work/"src").mkdir(parents=True)
-    pages, url = collect_pages(root, proc, results_root()), _site_url(root)
+    results = results_root()
+    pages, url = collect_pages(root, proc, results), _site_url(root)
     for _, name, src in pages:
         if src.suffix == ".ipynb":
             nb = prepare_notebook(json.loads(src.read_text(encoding="utf-8")), url)
             (work/"src"/name).write_text(json.dumps(nb), encoding="utf-8")
+        elif name == "results.md": (work/"src"/name).write_text(results_page(root, results, work/"src"), encoding="utf-8")
         else: _copy_markdown(src, work/"src"/name, name)
+    (work/"src"/"vlmrepro.css").write_text(SITE_CSS, encoding="utf-8")
     (work/"mkdocs.yml").write_text(yaml.safe_dump(mkdocs_config(pages, "vlmrepro"), sort_keys=False))
     res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(work/"mkdocs.yml")],
                          capture_output=True, text=True)
@@ -115,6 +184,63 @@ def build_docs(out: str | os.PathLike | None = None, root: str | os.PathLike | N
     if out.exists(): shutil.rmtree(out)
     shutil.move(str(work/"site"), out); shutil.rmtree(work, ignore_errors=True)
     return out
+
+# %% ../../nbs/90_docs.ipynb #e3f9b214
+def matched_metrics(published: dict, ours: dict) -> dict[str, list[str]]:
+    "{our metric: [published metrics it stands beside]}: the same name, or failing that the same last part."
+    out = {}
+    for key in published:
+        same = [k for k in ours if k == key] or [k for k in ours if k.rsplit("/", 1)[-1] == key.rsplit("/", 1)[-1]]
+        if same: out.setdefault(same[0], []).append(key)
+    return out
+
+def _run_metrics(results: Path, system: str) -> tuple[str, dict] | None:
+    "(run name, metrics) of a system's committed run: `tiny` if there is one, else the first by name."
+    runs = sorted((results/system).glob("*/metrics.json"), key=lambda p: (p.parent.name != "tiny", p.parent.name))
+    return (runs[0].parent.name, json.loads(runs[0].read_text(encoding="utf-8"))) if runs else None
+
+def results_figure(system: str, run: str, published: dict, ours: dict, png: Path) -> Path:
+    "One panel per matched metric: the upstream's published value(s) and ours, each panel on its own scale."
+    from matplotlib.figure import Figure
+    pairs = matched_metrics(published, ours)
+    width = max(len(v) for v in pairs.values()) + 1
+    fig = Figure(figsize=(min((0.75 * width + 0.9) * len(pairs), 15), 3.8), layout="constrained")
+    for ax, (mine, theirs) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs.items()):
+        labels = [k.rsplit("/", 1)[0] if "/" in k else "published" for k in theirs] + [run]
+        values = [float(published[k]["value"]) for k in theirs] + [float(ours[mine])]
+        bars = ax.bar(range(len(values)), values, color=["#b0b0b0"] * len(theirs) + ["#2196f3"],
+                      hatch=["//"] * len(theirs) + [""], edgecolor="#555555")
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=30, ha="right"); ax.set_title(mine, fontsize=8)
+        ax.set_ylabel("value as reported", fontsize=7); ax.tick_params(axis="y", labelsize=7)
+    fig.legend(handles=[bars[0], bars[-1]], labels=["upstream, as published", "ours"], loc="outside lower center", ncols=2, fontsize=7)
+    fig.suptitle(f"{system}: upstream as published (real data, paper-size models) and ours ({run} preset, synthetic world)"
+                 "\ndifferent data and scales: side by side, not a comparison", fontsize=9)
+    fig.savefig(png, dpi=110)
+    return png
+
+def results_page(root: Path, results: Path, out: Path) -> str:
+    "The results page: a figure per system with published figures (written under `out`), then results/README.md."
+    from vlmrepro.registry import notebook_presets
+    lines = ["# Results", "", "Each figure puts the upstream's published numbers beside the committed run's metric of the same name. "
+             "They come from different worlds — the upstream's from real data and paper-size models, ours from the tiny "
+             "preset on the synthetic world — so the bars show the scale of each, not a comparison.", ""]
+    (out/"results_figures").mkdir(parents=True, exist_ok=True)
+    for system, nb in find_systems(root).items():
+        published, run = notebook_presets(nb)[1], _run_metrics(results, system)
+        if not published or run is None or not matched_metrics(published, run[1]): continue
+        results_figure(system, run[0], published, run[1], out/"results_figures"/f"{system}.png")
+        lines += [f"## {system}", "", f"![{system}: published beside ours](results_figures/{system}.png)", "",
+                  "| metric | upstream, published | ours | upstream's note |", "|---|---|---|---|"]
+        for mine, theirs in matched_metrics(published, run[1]).items():
+            lines += [f"| {k} | {published[k]['value']} | {run[1][mine]:.4g} ({mine}, {run[0]}) | {published[k].get('note', '')} |"
+                      for k in theirs]
+        lines.append("")
+    readme = results/"README.md"
+    if readme.exists():
+        text = readme.read_text(encoding="utf-8").split("\n")
+        lines += ["# Every number", ""] + (text[1:] if text and text[0].startswith("# ") else text)
+    return "\n".join(lines) + "\n"
 
 # %% ../../nbs/90_docs.ipynb #914037e7
 class _Links(html.parser.HTMLParser):
@@ -158,14 +284,55 @@ def screenshot(page: str | os.PathLike, png: str | os.PathLike, width: int = 128
     if r.returncode or not png.exists(): raise VlmreproError(f"chromium could not render {url}: {r.stderr[-500:]}")
     return png
 
+# %% ../../nbs/90_docs.ipynb #c2b8e6d3
+def screenshot_pages(root: Path | None = None) -> list[str]:
+    "The pages `make docs` pictures: home, the paper systems' pages, results."
+    from vlmrepro.registry import SYSTEMS
+    papers = [paper_page(nb) for name, nb in find_systems(root).items() if name in SYSTEMS and SYSTEMS[name].kind == "paper"]
+    return ["index", *papers, "results"]
+
+def take_screenshots(site: Path, out: str | os.PathLike, log=print) -> list[Path]:
+    "A PNG of every page of `screenshot_pages` in `out` (docs-<page>.png); older docs-*.png of other pages are removed."
+    shots = [screenshot(Path(site)/f"{page}.html", Path(out)/f"docs-{page}.png", height=1600) for page in screenshot_pages()]
+    for stale in set(Path(out).glob("docs-*.png")) - set(shots): stale.unlink()
+    for png in shots: log(png)
+    return shots
+
+# %% ../../nbs/90_docs.ipynb #8e1c5d92
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:root|home|tmp|work|Users|private/var|var/folders|opt/conda)/[^\s\"'<>|,;)\]]*"
+                          r"|[\w./\\-]*site-packages\b")
+
+def _notebook_lines(path: Path, with_sources: bool) -> list[tuple[str, str]]:
+    nb, out = json.loads(path.read_text(encoding="utf-8")), []
+    for i, c in enumerate(nb.get("cells", [])):
+        if with_sources: out += [(f"cell {i} source", line) for line in "".join(c.get("source", "")).splitlines()]
+        for o in c.get("outputs", []):
+            texts = [o.get("text", ""), *(v for k, v in o.get("data", {}).items() if not k.startswith("image/")), o.get("traceback", [])]
+            for t in texts:
+                t = "".join(t) if isinstance(t, list) else t if isinstance(t, str) else json.dumps(t)
+                out += [(f"cell {i} output", line) for line in t.splitlines()]
+    return out + [("metadata", line) for line in json.dumps(nb.get("metadata", {}), indent=1).splitlines()]
+
+def machine_paths(root: Path | None = None, files: list[str] | None = None) -> list[str]:
+    "'file: where: path' for every absolute machine path in the committed notebooks, JSON and markdown of results/ and nbs/."
+    root = Path(root or repo_root())
+    if files is None:
+        files = subprocess.run(["git", "ls-files", "results", "nbs"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for f in files:
+        p = root/f
+        if p.suffix not in (".ipynb", ".json", ".md", ".jsonl") or not p.exists(): continue
+        if p.suffix == ".ipynb": lines = _notebook_lines(p, with_sources=Path(f).parts[0] == "results")
+        else: lines = [(f"line {k}", line) for k, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)]
+        bad += [f"{f}: {where}: {m.group(0)[:120]}" for where, line in lines for m in MACHINE_PATH.finditer(line)]
+    return bad
+
 # %% ../../nbs/90_docs.ipynb #c7ea46e1
 def make_docs(out: str | os.PathLike | None = None, screenshots: str | os.PathLike | None = None, log=print) -> Path:
-    "Build the site, refuse broken internal links, and optionally screenshot the home page and the first paper page."
+    "Build the site, refuse broken internal links, and optionally screenshot the home, paper and results pages."
     site = build_docs(out)
     bad = broken_links(site)
     log(f"site: {site/'index.html'} ({sum(1 for _ in site.rglob('*.html'))} pages)")
     if bad: raise VlmreproError(f"{len(bad)} broken internal links, e.g. {bad[:5]}")
-    if screenshots:
-        first_paper = paper_page(next(iter(find_systems().values())))
-        for page in ("index", first_paper): log(screenshot(site/f"{page}.html", Path(screenshots)/f"docs-{page}.png"))
+    if screenshots: take_screenshots(site, screenshots, log)
     return site
