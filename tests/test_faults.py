@@ -241,7 +241,8 @@ ILLUME = """
 import sys, time
 from pathlib import Path
 import torch
-from vlmrepro.systems.illume.loop import IllumeConfig, IllumeLoop, MetricCritic, split_features
+from vlmrepro.systems.illume.loop import IllumeLoop, LoopSettings, MetricCritic, illume_optimizer, split_features
+from vlmrepro.train import TrainConfig
 from vlmrepro.data.readers import read_vqax
 from vlmrepro.data.synth import synthetic_world
 from vlmrepro.backbones import grid_encoder
@@ -254,13 +255,14 @@ dim = train.features.shape[-1]
 def make_model():
     torch.manual_seed(0); m, _ = build_magma("tiny-llama", dim); trainable(m, "adapters"); return m
 _, tok = build_magma("tiny-llama", dim)
-cfg = IllumeConfig(iterations=1, n_per_temperature=2, max_new_tokens=12, n_vqa_only=8, epochs=2, batch_size=8, lr=3e-3,
-                   official_metrics=False, seed=0)
+settings = LoopSettings(iterations=1, n_per_temperature=2, max_new_tokens=12, n_vqa_only=8, official_metrics=False)
+tune = TrainConfig(epochs=2, batch_size=8, schedule="constant", max_grad_norm=None, progress=False, seed=0)
 class Kill:
     def after_step(self, model, st):
         if kill and (work/"run"/"it0"/"tune"/"checkpoints"/"latest.json").exists():   # the first step after the epoch-1 checkpoint
             (work/"marker").touch(); time.sleep(600)
-loop = IllumeLoop(work/"run", cfg, make_model, tok, train, val, MetricCritic(threshold=0.3), log=print, callbacks=[Kill()])
+loop = IllumeLoop(work/"run", settings, tune, make_model, lambda m: illume_optimizer(m, 3e-3), tok, train, val,
+                  MetricCritic(threshold=0.3), log=print, callbacks=[Kill()])
 print("SUMMARY", loop.run())
 """
 

@@ -23,8 +23,8 @@ __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'WORDS', 'CLASSES', 'SYNONY
            'VIZWIZ_OPENERS', 'EXPERT_MAPS', 'FORMATS', 'WORLD_VERSION', 'WORLD_FILES', 'Obj', 'Scene', 'layout_scene',
            'shape_polygon', 'object_mask', 'load_font', 'render_scene', 'oracle_maps', 'make_captions',
            'vizwiz_captions', 'vizwiz_annotations', 'noisy_answers', 'make_questions', 'make_scene', 'caption_sample',
-           'vqa_samples', 'synth_scenes', 'synth_samples', 'coco_caption_json', 'vqa_jsons', 'prismer_lists',
-           'write_split', 'write_world', 'synthetic_world', 'world_digest']
+           'vqa_samples', 'synth_scenes', 'synth_samples', 'coco_caption_json', 'vqa_jsons', 'vqax_json',
+           'prismer_lists', 'write_split', 'write_world', 'synthetic_world', 'world_digest']
 
 # %% ../../nbs/12_data_synth.ipynb #161c39b4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -357,7 +357,7 @@ def vqa_jsons(scenes, split):
             for s in scenes for qa in s.qas]
     return questions, {**head, "data_type": "synth", "annotations": anns}
 
-def _vqax_json(scenes):
+def vqax_json(scenes):
     return {str(qa["question_id"]): {"question": qa["question"], "image_id": str(s.image_id), "image_name": s.file_name,
             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(qa["answers"])],
             "explanation": qa["explanations"]} for s in scenes for qa in s.qas}
@@ -415,7 +415,7 @@ def write_world(out: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n
         q, a = vqa_jsons(scs, sp)
         write_json(ann/f"v2_OpenEnded_mscoco_{sp}_questions.json", q, indent=None)
         if sp != "test": write_json(ann/f"v2_mscoco_{sp}_annotations.json", a, indent=None)
-        write_json(ann/f"vqaX_{sp}.json", _vqax_json(scs), indent=None)
+        write_json(ann/f"vqaX_{sp}.json", vqax_json(scs), indent=None)
         with atomic_write(root/f"cc3m_{sp}.tsv") as f:
             f.write("caption\timage\n")
             for s in scs: f.write(f"{s.captions[0]}\timages/{sp}/{s.file_name}\n")
