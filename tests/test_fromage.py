@@ -51,7 +51,7 @@ def test_ret_row_renormalised_and_frozen_rows_unchanged(world):
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-2, schedule="constant", progress=False, precision="no", device="cpu")
     fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
-        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=1e-2), callbacks=[fr.RetNorm()])
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, cfg), callbacks=[fr.RetNorm()])
     w = m.embedding.weight.detach()
     w0 = before["lm.model.decoder.embed_tokens.weight"]
     moved = (w != w0).any(1).nonzero().flatten().tolist()
@@ -93,7 +93,7 @@ def test_tiny_run_retrieves_far_above_chance(world):
     cfg = TrainConfig(max_steps=120, epochs=1000, batch_size=48, lr=5e-3, betas=(0.9, 0.95), warmup_steps=12,
                       schedule="constant", progress=False, precision="no", device="cpu", seed=0)
     fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
-        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=5e-3), callbacks=[fr.RetNorm()])
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, cfg), callbacks=[fr.RetNorm()])
     after = r_at(m.eval())
     chance = 100 / len(val)
     print(f"caption->image, {len(queries)} queries over {len(val)} images: R@1 {before['R@1']:.1f} -> {after['R@1']:.1f}, "

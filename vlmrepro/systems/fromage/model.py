@@ -22,6 +22,7 @@ from ...data.collate import image_batch
 from ...data.readers import SampleDataset, read_cc3m_tsv
 from ...data.records import BadInputError, Dropped, load_image
 from ... import backbones as bb
+from ...train import TrainConfig
 
 # %% auto #0
 __all__ = ['FromageConfig', 'Fromage', 'fromage_model', 'trainable_counts', 'cc3m_dataset', 'FromageCollator', 'caption_labels',
@@ -225,12 +226,12 @@ def renorm_ret_row(model: Fromage):
     target = w[:len(frozen)][frozen].float().norm(dim=1).mean()
     w[model.ret_id] *= (target / w[model.ret_id].float().norm()).to(w.dtype)
 
-def fromage_optimizer(model: Fromage, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.0, eps: float = 1e-8):
-    "Upstream's AdamW over the trainable tensors; the (row-masked) embedding matrix never decays."
+def fromage_optimizer(model: Fromage, cfg: TrainConfig) -> torch.optim.AdamW:
+    "Upstream's AdamW (lr, betas, eps, weight decay from `cfg`) over the trainable tensors; the row-masked embedding matrix never decays."
     emb = [p for p in model.parameters() if p.requires_grad and hasattr(p, "_vlmrepro_rows")]
     rest = [p for p in model.parameters() if p.requires_grad and not hasattr(p, "_vlmrepro_rows")]
-    return torch.optim.AdamW([{"params": rest, "weight_decay": weight_decay}, {"params": emb, "weight_decay": 0.0}],
-                             lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW([{"params": rest, "weight_decay": cfg.weight_decay}, {"params": emb, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 # %% ../../../nbs/60_fromage_model.ipynb #6f753f46
 def _is_image(x) -> bool: return isinstance(x, (Image.Image, os.PathLike))
