@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ...core import VlmreproError
 from ...distributed import gather_with_local_grad
@@ -27,10 +28,10 @@ from ...train import TrainConfig
 # %% auto #0
 __all__ = ['FromageConfig', 'Fromage', 'fromage_model', 'trainable_counts', 'cc3m_dataset', 'FromageCollator', 'caption_labels',
            'concat_pairs', 'captioning_loss', 'retrieval_loss', 'fromage_loss', 'RetNorm', 'renorm_ret_row',
-           'fromage_optimizer', 'embed_prompt', 'fit_window', 'Retrieved', 'generate_ids', 'ret_embeddings',
-           'generate_for_images_and_texts', 'score_texts', 'query_embeddings', 'vist_stories', 'vist_prompt',
-           'visdial_dialogues', 'dialogue_text', 'answer_candidates', 'contextual_retrieval', 'dialogue_retrieval',
-           'answer_ranking_eval', 'caption_images']
+           'fromage_optimizer', 'embed_prompt', 'fit_window', 'Retrieved', 'RetLogitsProcessor', 'decoding_processors',
+           'generate_ids', 'ret_embeddings', 'generate_for_images_and_texts', 'score_texts', 'query_embeddings',
+           'vist_stories', 'vist_prompt', 'visdial_dialogues', 'dialogue_text', 'answer_candidates',
+           'contextual_retrieval', 'dialogue_retrieval', 'answer_ranking_eval', 'caption_images']
 
 # %% ../../../nbs/60_fromage_model.ipynb #b8530dde
 @dataclass
@@ -265,33 +266,42 @@ class Retrieved:
     score: float
     image: Image.Image = field(repr=False)
 
-def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:
-    if temperature == 0.0:
-        if top_p != 1.0: raise VlmreproError("top_p cannot be set with temperature 0 (greedy decoding); set temperature > 0")
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_p < 1.0:
-        if not 0 < top_p: raise VlmreproError(f"top_p must be in (0, 1], got {top_p}")
-        srt, order = torch.sort(logits, descending=True)
-        drop = torch.cumsum(F.softmax(srt, -1), -1) > top_p
-        drop[1:] = drop[:-1].clone(); drop[0] = False                  # keep the first token above the threshold too
-        logits[order[drop]] = -torch.inf
-    return int(torch.multinomial(F.softmax(logits, -1), 1, generator=generator))
+class RetLogitsProcessor(LogitsProcessor):
+    "Upstream's [RET] rule: banned for the first `min_word_tokens` new tokens, then its raw logit times `ret_scale_factor`."
+    def __init__(self, ret_id: int, ret_scale_factor: float = 1.0, min_word_tokens: int = 0, prompt_len: int = 0):
+        self.ret_id, self.scale, self.min_words, self.prompt_len = ret_id, ret_scale_factor, min_word_tokens, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        if input_ids.shape[1] - self.prompt_len < self.min_words: scores[:, self.ret_id] = -torch.inf
+        else: scores[:, self.ret_id] = scores[:, self.ret_id] * self.scale
+        return scores
+
+def decoding_processors(ret_id: int, temperature: float = 0.0, top_p: float = 1.0, ret_scale_factor: float = 1.0,
+                        min_word_tokens: int = 0) -> LogitsProcessorList:
+    "Upstream's decoding steps in its order: the [RET] rule, then temperature, then top-p (greedy: the rule only)."
+    if temperature < 0: raise VlmreproError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1: raise VlmreproError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and top_p != 1: raise VlmreproError("top_p cannot be set with temperature 0 (greedy decoding); set temperature > 0")
+    procs = [RetLogitsProcessor(ret_id, ret_scale_factor, min_word_tokens)]
+    if temperature > 0: procs.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1: procs.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(procs)
 
 @torch.no_grad()
 def generate_ids(model: Fromage, embs: torch.Tensor, num_words: int, temperature: float = 0.0, top_p: float = 1.0,
-                 ret_scale_factor: float = 1.0, min_word_tokens: int = 0, stop_ids: Sequence[int] = (), generator=None) -> list[int]:
-    "Up to `num_words` token ids after the prompt embeddings (no KV cache, as upstream)."
-    out = []
-    for i in range(num_words):
-        logits = model.lm(inputs_embeds=fit_window(embs, model.max_positions), use_cache=False).logits[0, -1].float()
-        if i < min_word_tokens: logits[model.ret_id] -= 10000
-        else: logits[model.ret_id] *= ret_scale_factor
-        tok = _next_token(logits, temperature, top_p, generator)
-        out.append(tok)
-        if tok in stop_ids: break
-        embs = torch.cat([embs, model.embedding(torch.tensor([[tok]], device=model.device))], 1)
-    return out
+                 ret_scale_factor: float = 1.0, min_word_tokens: int = 0, stop_ids: Sequence[int] = (),
+                 num_beams: int = 1) -> list[list[int]]:
+    "New token ids after each prompt of (B, T, d_lm) embeddings (`generate` with upstream's [RET] rule), cut before the first stop id."
+    if num_words < 1: raise VlmreproError(f"num_words must be >= 1 to generate, got {num_words}")
+    embs = fit_window(embs, (model.max_positions or 10**9) - num_words)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    config = GenerationConfig(max_new_tokens=num_words, do_sample=temperature > 0, num_beams=num_beams,
+                              eos_token_id=list(stop_ids), pad_token_id=pad)   # [] stops nowhere
+    out = model.lm.generate(inputs_embeds=embs, attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+                            generation_config=config,
+                            logits_processor=decoding_processors(model.ret_id, temperature, top_p, ret_scale_factor, min_word_tokens))
+    return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in out.tolist()]
 
 def _stop_ids(tok) -> list[int]:
     ids = [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
@@ -306,14 +316,13 @@ def ret_embeddings(model: Fromage, embs: torch.Tensor, positions: Sequence[int])
 @torch.no_grad()
 def generate_for_images_and_texts(model: Fromage, prompt: Sequence, num_words: int = 0, ret_scale_factor: float = 1.0,
                                   top_p: float = 1.0, temperature: float = 0.0, max_num_rets: int = 1,
-                                  max_img_per_ret: int = 1, index=None, generator=None) -> list:
+                                  max_img_per_ret: int = 1, min_word_tokens: int = 0, index=None) -> list:
     "Text and retrieved images for an interleaved prompt: a list of str and lists of `Retrieved` (upstream's outputs)."
     model.eval()
     embs, ids = embed_prompt(model, prompt)
     if num_words > 0:
-        stops = _stop_ids(model.tokenizer)
-        new = generate_ids(model, embs, num_words, temperature, top_p, ret_scale_factor, stop_ids=stops, generator=generator)
-        new = new[:next((j for j, t in enumerate(new) if t in stops), len(new))]
+        embs = fit_window(embs, (model.max_positions or 10**9) - num_words)
+        new = generate_ids(model, embs, num_words, temperature, top_p, ret_scale_factor, min_word_tokens, _stop_ids(model.tokenizer))[0]
         full = torch.cat([embs, model.embedding(torch.tensor([new], device=model.device, dtype=torch.long))], 1) if new else embs
         offset, gen = embs.shape[1], new
     else: full, offset, gen = embs, 0, [t if t is not None else -1 for t in ids]
@@ -440,6 +449,14 @@ def answer_ranking_eval(model: Fromage, dialogues, candidates: Sequence[str], ks
     return answer_ranking(torch.stack(scores), targets, torch.stack(relevance), ks)
 
 @torch.no_grad()
-def caption_images(model: Fromage, images, num_words: int = 24) -> list[str]:
-    "Greedy captions: the prompt is the image then the start token, as in training."
-    return [generate_for_images_and_texts(model, [im if _is_image(im) else Path(im), ""], num_words=num_words)[0] for im in images]
+def caption_images(model: Fromage, images, num_words: int = 24, batch_size: int = 32, num_beams: int = 1) -> list[str]:
+    "Greedy (or beam) captions in batches: the prompt is the image then the start token, as in training."
+    model.eval(); out = []
+    bos = model.tokenizer("", add_special_tokens=True)["input_ids"]
+    for s in range(0, len(images), batch_size):
+        feats = model.image_features(model.pixels([im if _is_image(im) else Path(im) for im in images[s:s + batch_size]]))
+        start = model.embedding(torch.tensor([bos] * len(feats), device=model.device)) if bos else None
+        embs = torch.cat([model.visual_tokens(feats)] + ([start] if start is not None else []), 1)
+        for ids in generate_ids(model, embs, num_words, stop_ids=_stop_ids(model.tokenizer), num_beams=num_beams):
+            out.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
