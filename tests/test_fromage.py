@@ -1,6 +1,7 @@
 """FROMAGe: exactly the intended parameters train, the [RET] row is renormalised, missing images fail loudly,
-the tiny run retrieves far above chance, and the retrieval index round-trips without pickle."""
-import copy, pickle, tempfile, time, warnings
+the tiny run retrieves far above chance, the retrieval index round-trips without pickle, the presets and the seed
+sweep resolve, and the paper notebook runs end to end (smoke preset) through `vlmrepro run`."""
+import copy, json, pickle, subprocess, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
 from vlmrepro import backbones as bb
 from vlmrepro.systems.fromage import model as fr
 from vlmrepro.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO/"nbs"/"papers"/"fromage.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,7 @@ def test_missing_image_is_a_clear_error_not_a_hang(world, tmp_path):
     assert time.time() - t0 < 30
 
 
+@pytest.mark.slow
 def test_tiny_run_retrieves_far_above_chance(world):
     from vlmrepro.data.readers import read_coco_captions
     m = tiny_model()
@@ -127,3 +132,44 @@ def test_pickle_importer_refuses_without_trust_flag(tmp_path):
     with pytest.warns(UserWarning, match="can run code"):
         idx = RetrievalIndex.load(import_upstream_embeddings(pkl, tmp_path/"out", trust_pickle=True))
     assert idx.paths == ["a.jpg", "b.jpg"] and isinstance(idx.embeddings, np.memmap)
+
+
+def test_presets_resolve_and_map_onto_the_config():
+    from vlmrepro.registry import resolve_params, system_config
+    paper = resolve_params(NOTEBOOK, "paper")
+    assert (paper["lm"], paper["batch_size"], paper["lr"], paper["max_steps"], paper["precision"]) == \
+        ("facebook/opt-6.7b", 180, 3e-4, 20000, "bf16")
+    cfg = system_config("fromage", preset="paper")
+    assert cfg.train.warmup_steps == 100 and cfg.vist_root and cfg.visdial_root and cfg.n_answer_dialogs is None
+    smoke = system_config("fromage", preset="smoke")
+    assert smoke.train.max_steps <= 5 and smoke.n_train <= 20
+
+
+def test_paper_preset_refuses_to_start_without_its_data(tmp_path):
+    from vlmrepro.registry import system_config
+    from vlmrepro.systems.fromage.system import preflight
+    cfg = system_config("fromage", {"data_root": str(tmp_path/"cc3m")}, preset="paper")
+    with pytest.raises(VlmreproError, match="cc3m_train.tsv"):
+        preflight(cfg)
+
+
+def test_seed_sweep_file_names_three_seeds_of_the_tiny_preset():
+    import yaml
+    from vlmrepro.runner import sweep_runs
+    spec = yaml.safe_load((REPO/"nbs"/"papers"/"sweeps"/"fromage_seeds.yaml").read_text())
+    assert (spec["system"], spec["preset"]) == ("fromage", "tiny")
+    assert [r["seed"] for r in sweep_runs(spec)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_the_notebook_end_to_end(tmp_path, vlmrepro_cmd):
+    res = subprocess.run([*vlmrepro_cmd, "run", "fromage", "--preset", "smoke", "--results", str(tmp_path), "--run-id", "smoke"],
+                         capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run = tmp_path/"fromage"/"smoke"
+    metrics = json.loads((run/"metrics.json").read_text())
+    for name in ("cc3m/t2i_r@1", "vist_ctx_last/r@1", "vist_ctx_5c/r@1", "vist_ctx_5c4i/r@1", "vist_upstream/r@1",
+                 "visdial_rounds_1/r@1", "visdial_rounds_10/r@1", "visdial_upstream/r@1", "visdial_answers/mrr",
+                 "visdial_answers/mrr_blind", "visdial_answers_upstream/mrr", "caption/cider", "caption/cider_constant"):
+        assert name in metrics, name
+    assert {"context.png", "answers_and_captions.png", "retrieved_stories.png"} <= {p.name for p in (run/"figures").iterdir()}
