@@ -173,3 +173,51 @@ def test_smoke_preset_runs_the_notebook_end_to_end(tmp_path, vlmrepro_cmd):
                  "visdial_answers/mrr_blind", "visdial_answers_upstream/mrr", "caption/cider", "caption/cider_constant"):
         assert name in metrics, name
     assert {"context.png", "answers_and_captions.png", "retrieved_stories.png"} <= {p.name for p in (run/"figures").iterdir()}
+
+
+def _upstream_file(model, path, full_embeddings=False, drop=(), extra=None):
+    "Write `model`'s trained pieces exactly as upstream's prune_model_ckpt.py does: torch.save({'state_dict': sorted})."
+    from collections import OrderedDict
+    sd = {"model.logit_scale": model.logit_scale, "ret_input_embeddings.weight": model.embedding.weight[model.ret_id]}
+    for part in ("visual_embeddings", "visual_fc"):
+        for p in ("weight", "bias"): sd[f"model.{part}.{p}"] = getattr(model, part).get_parameter(p)
+    for i, fc in enumerate(model.text_hidden_fcs):
+        sd[f"model.text_hidden_fcs.{i}.0.weight"], sd[f"model.text_hidden_fcs.{i}.0.bias"] = fc.weight, fc.bias
+    if full_embeddings: sd["model.input_embeddings.weight"] = model.embedding.weight
+    sd = {k: v.detach().clone() for k, v in sd.items() if k not in drop} | (extra or {})
+    torch.save({"state_dict": OrderedDict(sorted(sd.items()))}, path)
+    (path.parent/"model_args.json").write_text(json.dumps({
+        "opt_version": "tiny-story-llama", "task": "multitask", "freeze_lm": True, "visual_encoder": "tiny-clip", "freeze_vm": True,
+        "n_visual_tokens": model.cfg.n_visual_tokens, "shared_emb_dim": model.cfg.shared_emb_dim,
+        "text_emb_layers": list(model.cfg.text_emb_layers), "retrieval_token_idx": model.ret_id}))
+    return path
+
+
+def test_converter_round_trips_an_upstream_layout_file(world, tmp_path):
+    from vlmrepro.systems.fromage.convert import convert_checkpoint, load_converted
+    torch.manual_seed(0); ours = fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig()).eval()
+    with torch.no_grad(): ours.embedding.weight[ours.ret_id] += 0.5; ours.logit_scale += 0.3
+    images = sorted((world/"images"/"val").glob("*.jpg"))[:3]
+    prompts = [[images[0], "a red circle[RET]"], ["a blue star in the top left[RET]"]]
+    for full in (False, True):                                   # the released layout, and the newer script's
+        ckpt = _upstream_file(ours, tmp_path/f"pretrained_ckpt{int(full)}.pth.tar", full_embeddings=full)
+        out = convert_checkpoint(ckpt, tmp_path/f"converted{int(full)}", tmp_path/"model_args.json")
+        assert sorted(p.name for p in out.iterdir()) == ["fromage.safetensors", "fromage_config.json"]
+        torch.manual_seed(1); fresh = load_converted(fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig()).eval(), out)
+        torch.testing.assert_close(fresh.embed_images(images), ours.embed_images(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(fr.query_embeddings(fresh, prompts), fr.query_embeddings(ours, prompts), rtol=0, atol=1e-6)
+
+
+def test_converter_refuses_a_missing_key_and_non_tensor_content_by_name(tmp_path):
+    from vlmrepro.systems.fromage.convert import convert_checkpoint
+    m = fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig())
+    ckpt = _upstream_file(m, tmp_path/"ckpt.pth.tar", drop=("model.text_hidden_fcs.0.0.bias",))
+    with pytest.raises(VlmreproError, match=r"missing \['model.text_hidden_fcs.0.0.bias'\]"):
+        convert_checkpoint(ckpt, tmp_path/"out")
+    ckpt = _upstream_file(m, tmp_path/"train.pth.tar", extra={"module.model.lm.lm_head.weight": torch.zeros(2, 2)})
+    with pytest.raises(VlmreproError, match="unexpected.*module.model.lm.lm_head.weight"):
+        convert_checkpoint(ckpt, tmp_path/"out")
+    torch.save({"state_dict": {"model.logit_scale": Dropped("x", "y")}}, tmp_path/"code.pth.tar")   # an object, not a tensor
+    with pytest.raises(VlmreproError, match="cannot be read as plain tensors"):
+        convert_checkpoint(tmp_path/"code.pth.tar", tmp_path/"out", tmp_path/"model_args.json")
+    assert not (tmp_path/"out").exists()
