@@ -1,6 +1,7 @@
 """FROMAGe: exactly the intended parameters train, the [RET] row is renormalised, missing images fail loudly,
-the tiny run retrieves far above chance, and the retrieval index round-trips without pickle."""
-import copy, pickle, tempfile, time, warnings
+the tiny run retrieves far above chance, the retrieval index round-trips without pickle, the presets and the seed
+sweep resolve, and the paper notebook runs end to end (smoke preset) through `vlmrepro run`."""
+import copy, json, pickle, subprocess, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
 from vlmrepro import backbones as bb
 from vlmrepro.systems.fromage import model as fr
 from vlmrepro.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO/"nbs"/"papers"/"fromage.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_ret_row_renormalised_and_frozen_rows_unchanged(world):
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-2, schedule="constant", progress=False, precision="no", device="cpu")
     fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
-        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=1e-2), callbacks=[fr.RetNorm()])
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, cfg), callbacks=[fr.RetNorm()])
     w = m.embedding.weight.detach()
     w0 = before["lm.model.decoder.embed_tokens.weight"]
     moved = (w != w0).any(1).nonzero().flatten().tolist()
@@ -77,6 +81,7 @@ def test_missing_image_is_a_clear_error_not_a_hang(world, tmp_path):
     assert time.time() - t0 < 30
 
 
+@pytest.mark.slow
 def test_tiny_run_retrieves_far_above_chance(world):
     from vlmrepro.data.readers import read_coco_captions
     m = tiny_model()
@@ -93,7 +98,7 @@ def test_tiny_run_retrieves_far_above_chance(world):
     cfg = TrainConfig(max_steps=120, epochs=1000, batch_size=48, lr=5e-3, betas=(0.9, 0.95), warmup_steps=12,
                       schedule="constant", progress=False, precision="no", device="cpu", seed=0)
     fit(m, fr.cc3m_dataset(world, "train"), cfg, tempfile.mkdtemp(), collate_fn=fr.FromageCollator(m),
-        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, lr=5e-3), callbacks=[fr.RetNorm()])
+        loss_fn=fr.fromage_loss, optimizer=fr.fromage_optimizer(m, cfg), callbacks=[fr.RetNorm()])
     after = r_at(m.eval())
     chance = 100 / len(val)
     print(f"caption->image, {len(queries)} queries over {len(val)} images: R@1 {before['R@1']:.1f} -> {after['R@1']:.1f}, "
@@ -127,3 +132,92 @@ def test_pickle_importer_refuses_without_trust_flag(tmp_path):
     with pytest.warns(UserWarning, match="can run code"):
         idx = RetrievalIndex.load(import_upstream_embeddings(pkl, tmp_path/"out", trust_pickle=True))
     assert idx.paths == ["a.jpg", "b.jpg"] and isinstance(idx.embeddings, np.memmap)
+
+
+def test_presets_resolve_and_map_onto_the_config():
+    from vlmrepro.registry import resolve_params, system_config
+    paper = resolve_params(NOTEBOOK, "paper")
+    assert (paper["lm"], paper["batch_size"], paper["lr"], paper["max_steps"], paper["precision"]) == \
+        ("facebook/opt-6.7b", 180, 3e-4, 20000, "bf16")
+    cfg = system_config("fromage", preset="paper")
+    assert cfg.train.warmup_steps == 100 and cfg.vist_root and cfg.visdial_root and cfg.n_answer_dialogs is None
+    smoke = system_config("fromage", preset="smoke")
+    assert smoke.train.max_steps <= 5 and smoke.n_train <= 20
+
+
+def test_paper_preset_refuses_to_start_without_its_data(tmp_path):
+    from vlmrepro.registry import system_config
+    from vlmrepro.systems.fromage.system import preflight
+    cfg = system_config("fromage", {"data_root": str(tmp_path/"cc3m")}, preset="paper")
+    with pytest.raises(VlmreproError, match="cc3m_train.tsv"):
+        preflight(cfg)
+
+
+def test_seed_sweep_file_names_three_seeds_of_the_tiny_preset():
+    import yaml
+    from vlmrepro.runner import sweep_runs
+    spec = yaml.safe_load((REPO/"nbs"/"papers"/"sweeps"/"fromage_seeds.yaml").read_text())
+    assert (spec["system"], spec["preset"]) == ("fromage", "tiny")
+    assert [r["seed"] for r in sweep_runs(spec)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_the_notebook_end_to_end(tmp_path, vlmrepro_cmd):
+    res = subprocess.run([*vlmrepro_cmd, "run", "fromage", "--preset", "smoke", "--results", str(tmp_path), "--run-id", "smoke"],
+                         capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run = tmp_path/"fromage"/"smoke"
+    metrics = json.loads((run/"metrics.json").read_text())
+    for name in ("cc3m/t2i_r@1", "vist_ctx_last/r@1", "vist_ctx_5c/r@1", "vist_ctx_5c4i/r@1", "vist_upstream/r@1",
+                 "visdial_rounds_1/r@1", "visdial_rounds_10/r@1", "visdial_upstream/r@1", "visdial_answers/mrr",
+                 "visdial_answers/mrr_blind", "visdial_answers_upstream/mrr", "caption/cider", "caption/cider_constant"):
+        assert name in metrics, name
+    assert {"context.png", "answers_and_captions.png", "retrieved_stories.png"} <= {p.name for p in (run/"figures").iterdir()}
+
+
+def _upstream_file(model, path, full_embeddings=False, drop=(), extra=None):
+    "Write `model`'s trained pieces exactly as upstream's prune_model_ckpt.py does: torch.save({'state_dict': sorted})."
+    from collections import OrderedDict
+    sd = {"model.logit_scale": model.logit_scale, "ret_input_embeddings.weight": model.embedding.weight[model.ret_id]}
+    for part in ("visual_embeddings", "visual_fc"):
+        for p in ("weight", "bias"): sd[f"model.{part}.{p}"] = getattr(model, part).get_parameter(p)
+    for i, fc in enumerate(model.text_hidden_fcs):
+        sd[f"model.text_hidden_fcs.{i}.0.weight"], sd[f"model.text_hidden_fcs.{i}.0.bias"] = fc.weight, fc.bias
+    if full_embeddings: sd["model.input_embeddings.weight"] = model.embedding.weight
+    sd = {k: v.detach().clone() for k, v in sd.items() if k not in drop} | (extra or {})
+    torch.save({"state_dict": OrderedDict(sorted(sd.items()))}, path)
+    (path.parent/"model_args.json").write_text(json.dumps({
+        "opt_version": "tiny-story-llama", "task": "multitask", "freeze_lm": True, "visual_encoder": "tiny-clip", "freeze_vm": True,
+        "n_visual_tokens": model.cfg.n_visual_tokens, "shared_emb_dim": model.cfg.shared_emb_dim,
+        "text_emb_layers": list(model.cfg.text_emb_layers), "retrieval_token_idx": model.ret_id}))
+    return path
+
+
+def test_converter_round_trips_an_upstream_layout_file(world, tmp_path):
+    from vlmrepro.systems.fromage.convert import convert_checkpoint, load_converted
+    torch.manual_seed(0); ours = fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig()).eval()
+    with torch.no_grad(): ours.embedding.weight[ours.ret_id] += 0.5; ours.logit_scale += 0.3
+    images = sorted((world/"images"/"val").glob("*.jpg"))[:3]
+    prompts = [[images[0], "a red circle[RET]"], ["a blue star in the top left[RET]"]]
+    for full in (False, True):                                   # the released layout, and the newer script's
+        ckpt = _upstream_file(ours, tmp_path/f"pretrained_ckpt{int(full)}.pth.tar", full_embeddings=full)
+        out = convert_checkpoint(ckpt, tmp_path/f"converted{int(full)}", tmp_path/"model_args.json")
+        assert sorted(p.name for p in out.iterdir()) == ["fromage.safetensors", "fromage_config.json"]
+        torch.manual_seed(1); fresh = load_converted(fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig()).eval(), out)
+        torch.testing.assert_close(fresh.embed_images(images), ours.embed_images(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(fr.query_embeddings(fresh, prompts), fr.query_embeddings(ours, prompts), rtol=0, atol=1e-6)
+
+
+def test_converter_refuses_a_missing_key_and_non_tensor_content_by_name(tmp_path):
+    from vlmrepro.systems.fromage.convert import convert_checkpoint
+    m = fr.fromage_model("tiny-story-llama", "tiny-clip", fr.FromageConfig())
+    ckpt = _upstream_file(m, tmp_path/"ckpt.pth.tar", drop=("model.text_hidden_fcs.0.0.bias",))
+    with pytest.raises(VlmreproError, match=r"missing \['model.text_hidden_fcs.0.0.bias'\]"):
+        convert_checkpoint(ckpt, tmp_path/"out")
+    ckpt = _upstream_file(m, tmp_path/"train.pth.tar", extra={"module.model.lm.lm_head.weight": torch.zeros(2, 2)})
+    with pytest.raises(VlmreproError, match="unexpected.*module.model.lm.lm_head.weight"):
+        convert_checkpoint(ckpt, tmp_path/"out")
+    torch.save({"state_dict": {"model.logit_scale": Dropped("x", "y")}}, tmp_path/"code.pth.tar")   # an object, not a tensor
+    with pytest.raises(VlmreproError, match="cannot be read as plain tensors"):
+        convert_checkpoint(tmp_path/"code.pth.tar", tmp_path/"out", tmp_path/"model_args.json")
+    assert not (tmp_path/"out").exists()

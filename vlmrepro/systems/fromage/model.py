@@ -4,8 +4,7 @@
 
 # %% ../../../nbs/60_fromage_model.ipynb #d8ca2bbf
 from __future__ import annotations
-import math, os, random
-from collections import defaultdict
+import copy, math, os, random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ...core import VlmreproError
 from ...distributed import gather_with_local_grad
@@ -22,14 +22,14 @@ from ...data.collate import image_batch
 from ...data.readers import SampleDataset, read_cc3m_tsv
 from ...data.records import BadInputError, Dropped, load_image
 from ... import backbones as bb
+from ...train import TrainConfig
 
 # %% auto #0
 __all__ = ['FromageConfig', 'Fromage', 'fromage_model', 'trainable_counts', 'cc3m_dataset', 'FromageCollator', 'caption_labels',
            'concat_pairs', 'captioning_loss', 'retrieval_loss', 'fromage_loss', 'RetNorm', 'renorm_ret_row',
-           'fromage_optimizer', 'embed_prompt', 'fit_window', 'Retrieved', 'generate_ids', 'ret_embeddings',
-           'generate_for_images_and_texts', 'score_texts', 'query_embeddings', 'vist_stories', 'vist_prompt',
-           'visdial_dialogues', 'dialogue_text', 'answer_candidates', 'contextual_retrieval', 'dialogue_retrieval',
-           'answer_ranking_eval', 'caption_images']
+           'fromage_optimizer', 'embed_prompt', 'fit_window', 'check_fits', 'Retrieved', 'RetLogitsProcessor',
+           'decoding_processors', 'generate_ids', 'ret_embeddings', 'generate_for_images_and_texts', 'option_logprobs',
+           'score_texts', 'query_embeddings', 'caption_images']
 
 # %% ../../../nbs/60_fromage_model.ipynb #b8530dde
 @dataclass
@@ -121,8 +121,8 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
     return out
 
 # %% ../../../nbs/60_fromage_model.ipynb #1f12b9c5
-def cc3m_dataset(root, split: str, image_dir=None, tsv_file=None, max_bad_fraction: float = 0.0, verbose: bool = True) -> SampleDataset:
-    "CC3M-format TSV rows as a dataset; a missing image is an error naming it unless `max_bad_fraction` allows some."
+def cc3m_dataset(root, split: str, image_dir=None, tsv_file=None, max_bad_fraction: float = 0.01, verbose: bool = True) -> SampleDataset:
+    "CC3M-format TSV rows as a dataset; missing images are dropped and named, and past `max_bad_fraction` (the project's 1%) stop the run."
     return SampleDataset(read_cc3m_tsv(root, split, image_dir=image_dir, tsv_file=tsv_file,
                                        max_bad_fraction=max_bad_fraction, verbose=verbose))
 
@@ -225,19 +225,20 @@ def renorm_ret_row(model: Fromage):
     target = w[:len(frozen)][frozen].float().norm(dim=1).mean()
     w[model.ret_id] *= (target / w[model.ret_id].float().norm()).to(w.dtype)
 
-def fromage_optimizer(model: Fromage, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.0, eps: float = 1e-8):
-    "Upstream's AdamW over the trainable tensors; the (row-masked) embedding matrix never decays."
+def fromage_optimizer(model: Fromage, cfg: TrainConfig) -> torch.optim.AdamW:
+    "Upstream's AdamW (lr, betas, eps, weight decay from `cfg`) over the trainable tensors; the row-masked embedding matrix never decays."
     emb = [p for p in model.parameters() if p.requires_grad and hasattr(p, "_vlmrepro_rows")]
     rest = [p for p in model.parameters() if p.requires_grad and not hasattr(p, "_vlmrepro_rows")]
-    return torch.optim.AdamW([{"params": rest, "weight_decay": weight_decay}, {"params": emb, "weight_decay": 0.0}],
-                             lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW([{"params": rest, "weight_decay": cfg.weight_decay}, {"params": emb, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 # %% ../../../nbs/60_fromage_model.ipynb #6f753f46
 def _is_image(x) -> bool: return isinstance(x, (Image.Image, os.PathLike))
 
 @torch.no_grad()
-def embed_prompt(model: Fromage, prompt: Sequence) -> tuple[torch.Tensor, list[int | None]]:
+def embed_prompt(model: Fromage, prompt: Sequence, bos: str = "once") -> tuple[torch.Tensor, list[int | None]]:
     "(1, T, d_lm) input embeddings of an interleaved prompt, and the token id at each position (None for image tokens)."
+    if bos not in ("once", "each"): raise VlmreproError(f"bos must be 'once' or 'each', got {bos!r}")
     if isinstance(prompt, (str, Image.Image, os.PathLike)): prompt = [prompt]
     parts, ids, add_bos = [], [], True
     for p in prompt:
@@ -245,7 +246,7 @@ def embed_prompt(model: Fromage, prompt: Sequence) -> tuple[torch.Tensor, list[i
             feats = model.image_features(model.pixels([p]))
             parts.append(model.visual_tokens(feats)); ids += [None] * model.cfg.n_visual_tokens
         elif isinstance(p, str):
-            t = model.tokenizer(p, add_special_tokens=add_bos)["input_ids"]; add_bos = False
+            t = model.tokenizer(p, add_special_tokens=add_bos)["input_ids"]; add_bos = bos == "each"
             if t: parts.append(model.embedding(torch.tensor([t], device=model.device))); ids += t
         else: raise VlmreproError(f"prompt items must be str (text), PIL images or Paths (images), got {type(p).__name__}")
     if not parts: raise VlmreproError("the prompt is empty; give at least one image or some text")
@@ -254,6 +255,11 @@ def embed_prompt(model: Fromage, prompt: Sequence) -> tuple[torch.Tensor, list[i
 def fit_window(embs: torch.Tensor, max_positions: int | None) -> torch.Tensor:
     "Keep the most recent `max_positions` positions of (B, T, D) embeddings."
     return embs if not max_positions or embs.shape[1] <= max_positions else embs[:, -max_positions:]
+
+def check_fits(model: Fromage, n: int, what: str = "prompt"):
+    "Raise if `n` positions do not fit the LM's window."
+    if model.max_positions and n > model.max_positions:
+        raise VlmreproError(f"a {what} of {n} positions does not fit the LM's {model.max_positions}; shorten it or use an LM with a longer window")
 
 # %% ../../../nbs/60_fromage_model.ipynb #9c7b54b9
 @dataclass
@@ -264,33 +270,42 @@ class Retrieved:
     score: float
     image: Image.Image = field(repr=False)
 
-def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:
-    if temperature == 0.0:
-        if top_p != 1.0: raise VlmreproError("top_p cannot be set with temperature 0 (greedy decoding); set temperature > 0")
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_p < 1.0:
-        if not 0 < top_p: raise VlmreproError(f"top_p must be in (0, 1], got {top_p}")
-        srt, order = torch.sort(logits, descending=True)
-        drop = torch.cumsum(F.softmax(srt, -1), -1) > top_p
-        drop[1:] = drop[:-1].clone(); drop[0] = False                  # keep the first token above the threshold too
-        logits[order[drop]] = -torch.inf
-    return int(torch.multinomial(F.softmax(logits, -1), 1, generator=generator))
+class RetLogitsProcessor(LogitsProcessor):
+    "Upstream's [RET] rule: banned for the first `min_word_tokens` new tokens, then its raw logit times `ret_scale_factor`."
+    def __init__(self, ret_id: int, ret_scale_factor: float = 1.0, min_word_tokens: int = 0, prompt_len: int = 0):
+        self.ret_id, self.scale, self.min_words, self.prompt_len = ret_id, ret_scale_factor, min_word_tokens, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        if input_ids.shape[1] - self.prompt_len < self.min_words: scores[:, self.ret_id] = -torch.inf
+        else: scores[:, self.ret_id] = scores[:, self.ret_id] * self.scale
+        return scores
+
+def decoding_processors(ret_id: int, temperature: float = 0.0, top_p: float = 1.0, ret_scale_factor: float = 1.0,
+                        min_word_tokens: int = 0) -> LogitsProcessorList:
+    "Upstream's decoding steps in its order: the [RET] rule, then temperature, then top-p (greedy: the rule only)."
+    if temperature < 0: raise VlmreproError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1: raise VlmreproError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and top_p != 1: raise VlmreproError("top_p cannot be set with temperature 0 (greedy decoding); set temperature > 0")
+    procs = [RetLogitsProcessor(ret_id, ret_scale_factor, min_word_tokens)]
+    if temperature > 0: procs.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1: procs.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(procs)
 
 @torch.no_grad()
 def generate_ids(model: Fromage, embs: torch.Tensor, num_words: int, temperature: float = 0.0, top_p: float = 1.0,
-                 ret_scale_factor: float = 1.0, min_word_tokens: int = 0, stop_ids: Sequence[int] = (), generator=None) -> list[int]:
-    "Up to `num_words` token ids after the prompt embeddings (no KV cache, as upstream)."
-    out = []
-    for i in range(num_words):
-        logits = model.lm(inputs_embeds=fit_window(embs, model.max_positions), use_cache=False).logits[0, -1].float()
-        if i < min_word_tokens: logits[model.ret_id] -= 10000
-        else: logits[model.ret_id] *= ret_scale_factor
-        tok = _next_token(logits, temperature, top_p, generator)
-        out.append(tok)
-        if tok in stop_ids: break
-        embs = torch.cat([embs, model.embedding(torch.tensor([[tok]], device=model.device))], 1)
-    return out
+                 ret_scale_factor: float = 1.0, min_word_tokens: int = 0, stop_ids: Sequence[int] = (),
+                 num_beams: int = 1) -> list[list[int]]:
+    "New token ids after each prompt of (B, T, d_lm) embeddings (`generate` with upstream's [RET] rule), cut before the first stop id."
+    if num_words < 1: raise VlmreproError(f"num_words must be >= 1 to generate, got {num_words}")
+    embs = fit_window(embs, (model.max_positions or 10**9) - num_words)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    config = GenerationConfig(max_new_tokens=num_words, do_sample=temperature > 0, num_beams=num_beams,
+                              eos_token_id=list(stop_ids), pad_token_id=pad)   # [] stops nowhere
+    out = model.lm.generate(inputs_embeds=embs, attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+                            generation_config=config,
+                            logits_processor=decoding_processors(model.ret_id, temperature, top_p, ret_scale_factor, min_word_tokens))
+    return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in out.tolist()]
 
 def _stop_ids(tok) -> list[int]:
     ids = [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
@@ -305,14 +320,13 @@ def ret_embeddings(model: Fromage, embs: torch.Tensor, positions: Sequence[int])
 @torch.no_grad()
 def generate_for_images_and_texts(model: Fromage, prompt: Sequence, num_words: int = 0, ret_scale_factor: float = 1.0,
                                   top_p: float = 1.0, temperature: float = 0.0, max_num_rets: int = 1,
-                                  max_img_per_ret: int = 1, index=None, generator=None) -> list:
+                                  max_img_per_ret: int = 1, min_word_tokens: int = 0, index=None) -> list:
     "Text and retrieved images for an interleaved prompt: a list of str and lists of `Retrieved` (upstream's outputs)."
     model.eval()
     embs, ids = embed_prompt(model, prompt)
     if num_words > 0:
-        stops = _stop_ids(model.tokenizer)
-        new = generate_ids(model, embs, num_words, temperature, top_p, ret_scale_factor, stop_ids=stops, generator=generator)
-        new = new[:next((j for j, t in enumerate(new) if t in stops), len(new))]
+        embs = fit_window(embs, (model.max_positions or 10**9) - num_words)
+        new = generate_ids(model, embs, num_words, temperature, top_p, ret_scale_factor, min_word_tokens, _stop_ids(model.tokenizer))[0]
         full = torch.cat([embs, model.embedding(torch.tensor([new], device=model.device, dtype=torch.long))], 1) if new else embs
         offset, gen = embs.shape[1], new
     else: full, offset, gen = embs, 0, [t if t is not None else -1 for t in ids]
@@ -335,110 +349,65 @@ def generate_for_images_and_texts(model: Fromage, prompt: Sequence, num_words: i
 
 # %% ../../../nbs/60_fromage_model.ipynb #fd72c59d
 @torch.no_grad()
-def score_texts(model: Fromage, prompt: Sequence, candidates: Sequence[str], reduction: str = "mean",
-                batch_size: int = 64) -> torch.Tensor:
+def option_logprobs(model: Fromage, prompt_embs: torch.Tensor, options: Sequence[Sequence[int]], batch_size: int = 128
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    "(shifted, unshifted) per-token log-probabilities of each option's ids after the (1, P, d) prompt embeddings."
+    if not options: raise VlmreproError("no options to score")
+    if empty := [i for i, o in enumerate(options) if not len(o)]: raise VlmreproError(f"options {empty[:3]} have no tokens")
+    check_fits(model, prompt_embs.shape[1] + max(map(len, options)), "scored prompt with its longest option")
+    out = model.lm(inputs_embeds=prompt_embs, use_cache=True)
+    first = F.log_softmax(out.logits[0, -1].float(), -1)                                  # predicts each option's first token
+    shifted, unshifted, pad = [], [], model.tokenizer.pad_token_id or 0
+    for s in range(0, len(options), batch_size):
+        chunk = [list(o) for o in options[s:s + batch_size]]; L = max(map(len, chunk))
+        ids = torch.tensor([o + [pad] * (L - len(o)) for o in chunk], device=model.device)
+        mask = torch.tensor([[1] * (prompt_embs.shape[1] + len(o)) + [0] * (L - len(o)) for o in chunk], device=model.device)
+        cache = copy.deepcopy(out.past_key_values); cache.batch_repeat_interleave(len(chunk))
+        logp = F.log_softmax(model.lm(inputs_embeds=model.embedding(ids), past_key_values=cache, attention_mask=mask,
+                                      use_cache=False).logits.float(), -1)                  # (n, L, V)
+        for k, o in enumerate(chunk):
+            n, t = len(o), ids[k, :len(o)]
+            unshifted.append(logp[k, torch.arange(n), t].cpu())
+            shifted.append(torch.cat([first[t[:1]], logp[k, torch.arange(n - 1), t[1:]]]).cpu())
+    return shifted, unshifted
+
+@torch.no_grad()
+def score_texts(model: Fromage, prompt: Sequence, candidates: Sequence[str], reduction: str = "mean") -> torch.Tensor:
     "Log-likelihood of each candidate text after the prompt (mean or sum over its tokens), (len(candidates),)."
     if reduction not in ("mean", "sum"): raise VlmreproError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not candidates: raise VlmreproError("no candidate texts to score")
     model.eval()
     embs, _ = embed_prompt(model, prompt)
     toks = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
     if empty := [c for c, t in zip(candidates, toks) if not t]: raise VlmreproError(f"candidates with no tokens: {empty[:3]}")
-    out = []
-    for s in range(0, len(toks), batch_size):
-        chunk = toks[s:s + batch_size]; L = max(map(len, chunk))
-        ids = torch.tensor([t + [model.tokenizer.pad_token_id] * (L - len(t)) for t in chunk], device=model.device)
-        P = min(embs.shape[1], (model.max_positions or 10**9) - L)
-        x = torch.cat([embs[:, -P:].expand(len(chunk), -1, -1), model.embedding(ids)], 1)
-        logp = F.log_softmax(model.lm(inputs_embeds=x, use_cache=False).logits[:, P - 1:-1].float(), -1)
-        tok_lp = logp.gather(-1, ids[..., None])[..., 0]
-        mask = torch.tensor([[1.0] * len(t) + [0.0] * (L - len(t)) for t in chunk], device=model.device)
-        tot = (tok_lp * mask).sum(1)
-        out.append(tot / mask.sum(1) if reduction == "mean" else tot)
-    return torch.cat(out).cpu()
+    shifted, _ = option_logprobs(model, embs, toks)
+    return torch.stack([x.mean() if reduction == "mean" else x.sum() for x in shifted])
 
 # %% ../../../nbs/60_fromage_model.ipynb #7b6d29dd
 @torch.no_grad()
-def query_embeddings(model: Fromage, prompts: Sequence[Sequence], batch_size: int = 32) -> torch.Tensor:
+def query_embeddings(model: Fromage, prompts: Sequence[Sequence], batch_size: int = 32, bos: str = "once") -> torch.Tensor:
     "Normalised [RET] embeddings of prompts that end in [RET], (len(prompts), 256)."
     model.eval(); out = []
     for s in range(0, len(prompts), batch_size):
         seqs = []
         for p in prompts[s:s + batch_size]:
-            e, ids = embed_prompt(model, p)
+            e, ids = embed_prompt(model, p, bos)
             if ids[-1] != model.ret_id: raise VlmreproError(f"a retrieval prompt must end with {model.cfg.ret_token}: {p[-1]!r}")
-            seqs.append(fit_window(e, model.max_positions)[0])
+            check_fits(model, e.shape[1], "retrieval prompt"); seqs.append(e[0])
         lens = torch.tensor([len(x) for x in seqs]); x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         hidden = model.text_embeddings(model.lm(inputs_embeds=x, output_hidden_states=True, use_cache=False).hidden_states)
         out.append(F.normalize(hidden[torch.arange(len(seqs)), lens - 1], dim=-1).float().cpu())
     return torch.cat(out)
 
-# %% ../../../nbs/60_fromage_model.ipynb #a8994114
-def vist_stories(samples: Sequence, n_stories: int, story_len: int = 5, seed: int = 0) -> list[dict]:
-    "Stories of `story_len` distinct samples with one caption each: {'rows': sample indices, 'captions': [...]}."
-    if len(samples) < story_len: raise VlmreproError(f"{len(samples)} images cannot make stories of {story_len}")
-    rng = np.random.default_rng(seed); out = []
-    for _ in range(n_stories):
-        rows = [int(i) for i in rng.choice(len(samples), story_len, replace=False)]
-        out.append({"rows": rows, "captions": [samples[r].captions[int(rng.integers(len(samples[r].captions)))] for r in rows]})
-    return out
-
-def vist_prompt(story: dict, samples: Sequence, ret_token: str = "[RET]") -> list:
-    "cap1 img1 ... cap_{n-1} img_{n-1} cap_n[RET] (images as Paths)."
-    p = []
-    for r, c in zip(story["rows"][:-1], story["captions"][:-1]): p += [c, Path(samples[r].image_path)]
-    return p + [story["captions"][-1] + ret_token]
-
-def visdial_dialogues(vqa_samples: Sequence) -> list[dict]:
-    "One dialogue per image from VQA records: {'image_id', 'image_path', 'rounds': [(question, answer, answers)]}."
-    by_image = defaultdict(list)
-    for s in vqa_samples: by_image[s.image_id].append(s)
-    return [{"image_id": iid, "image_path": ss[0].image_path, "rounds": [(s.question, s.answer, list(s.answers)) for s in ss]}
-            for iid, ss in by_image.items()]
-
-def dialogue_text(rounds: Sequence) -> str:
-    "Rounds as VisDial-style text: 'Q: ...? A: ... Q: ...? A: ...'."
-    return " ".join(f"Q: {q} A: {a}" for q, a, *_ in rounds)
-
-def answer_candidates(dialogues: Sequence[dict]) -> list[str]:
-    "Every distinct human answer of the dialogues, sorted."
-    return sorted({a for d in dialogues for *_, answers in d["rounds"] for a in answers})
-
 # %% ../../../nbs/60_fromage_model.ipynb #6e7ad7df
 @torch.no_grad()
-def contextual_retrieval(model: Fromage, stories, samples, image_emb: torch.Tensor, ks=(1, 5, 10), batch_size: int = 32) -> dict:
-    "R@k (%) of retrieving each story's last image, the images shown earlier in the prompt excluded."
-    from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
-    q = query_embeddings(model, [vist_prompt(s, samples, model.cfg.ret_token) for s in stories], batch_size)
-    scores = q @ image_emb.T
-    exclude = torch.zeros_like(scores, dtype=torch.bool)
-    for i, s in enumerate(stories): exclude[i, s["rows"][:-1]] = True
-    return recall_at_k(target_ranks(scores, [s["rows"][-1] for s in stories], exclude), ks)
-
-@torch.no_grad()
-def dialogue_retrieval(model: Fromage, dialogues, row_of: dict, image_emb: torch.Tensor, ks=(1, 5, 10), batch_size: int = 32) -> dict:
-    "R@k (%) of retrieving each dialogue's image (row `row_of[image_path]` of `image_emb`) from its rounds + [RET]."
-    from vlmrepro.metrics.retrieval import recall_at_k, target_ranks
-    q = query_embeddings(model, [[dialogue_text(d["rounds"]) + model.cfg.ret_token] for d in dialogues], batch_size)
-    return recall_at_k(target_ranks(q @ image_emb.T, [row_of[d["image_path"]] for d in dialogues]), ks)
-
-@torch.no_grad()
-def answer_ranking_eval(model: Fromage, dialogues, candidates: Sequence[str], ks=(1, 5, 10, 20)) -> dict:
-    "R@k, MRR, NDCG (%) of ranking every candidate answer to each dialogue's last question by log-likelihood."
-    from vlmrepro.metrics.retrieval import answer_ranking
-    scores, targets, relevance = [], [], []
-    col = {c: i for i, c in enumerate(candidates)}
-    for d in dialogues:
-        *before, (q, a, answers) = d["rounds"]
-        prompt = [Path(d["image_path"]), (dialogue_text(before) + " " if before else "") + f"Q: {q} A:"]
-        scores.append(score_texts(model, prompt, [" " + c for c in candidates]))
-        targets.append(col[a])
-        rel = torch.zeros(len(candidates))
-        for x in answers: rel[col[x]] += 1 / len(answers)
-        relevance.append(rel)
-    return answer_ranking(torch.stack(scores), targets, torch.stack(relevance), ks)
-
-@torch.no_grad()
-def caption_images(model: Fromage, images, num_words: int = 24) -> list[str]:
-    "Greedy captions: the prompt is the image then the start token, as in training."
-    return [generate_for_images_and_texts(model, [im if _is_image(im) else Path(im), ""], num_words=num_words)[0] for im in images]
+def caption_images(model: Fromage, images, num_words: int = 24, batch_size: int = 32, num_beams: int = 1) -> list[str]:
+    "Greedy (or beam) captions in batches: the prompt is the image then the start token, as in training."
+    model.eval(); out = []
+    bos = model.tokenizer("", add_special_tokens=True)["input_ids"]
+    for s in range(0, len(images), batch_size):
+        feats = model.image_features(model.pixels([im if _is_image(im) else Path(im) for im in images[s:s + batch_size]]))
+        start = model.embedding(torch.tensor([bos] * len(feats), device=model.device)) if bos else None
+        embs = torch.cat([model.visual_tokens(feats)] + ([start] if start is not None else []), 1)
+        for ids in generate_ids(model, embs, num_words, stop_ids=_stop_ids(model.tokenizer), num_beams=num_beams):
+            out.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
