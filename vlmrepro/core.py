@@ -12,7 +12,8 @@ import yaml
 # %% auto #0
 __all__ = ['PRECISIONS', 'CORE_PACKAGES', 'VlmreproError', 'check_names', 'seed_everything', 'pick_device', 'pick_precision',
            'world_size', 'rank', 'is_main', 'atomic_write', 'write_json', 'read_json', 'sha256_file', 'min_free_mb',
-           'ensure_writable_dir', 'cache_dir', 'file_lock', 'load_yaml', 'git_commit', 'package_versions']
+           'ensure_writable_dir', 'write_dir_once', 'cache_dir', 'file_lock', 'load_yaml', 'git_commit',
+           'package_versions']
 
 # %% ../nbs/00_core.ipynb #ff60d362
 class VlmreproError(Exception):
@@ -150,6 +151,19 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "directory", min_fr
             raise VlmreproError(f"{what} {path} has only {free:.0f} MiB free, less than the {need:g} MiB needed to start; free some "
                                 f"space or choose another location (VLMREPRO_MIN_FREE_MB sets the threshold)")
     return path
+
+def write_dir_once(final: str | os.PathLike, write, what: str = "directory", marker: str = "world.json") -> Path:
+    "`final`, made by `write(tmp)` in a fresh directory beside it and renamed into place; a concurrent writer's finished copy wins."
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ensure_writable_dir(final.parent, what)))
+    try:
+        write(tmp)
+        try: os.replace(tmp, final)                  # onto nothing or an empty dir; never over a finished one
+        except OSError:
+            if not (final/marker).exists(): raise
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 # %% ../nbs/00_core.ipynb #ad08a551
 def cache_dir(*parts: str) -> Path:

@@ -26,8 +26,9 @@ from .zoo import build, entry_info, register, verify, zoo_build, zoo_list, zoo_r
 
 # %% auto #0
 __all__ = ['WORLD', 'LM', 'SMOLLM2_GGUF', 'world', 'scene_texts', 'world_tokenizer', 'pixels', 'lm_batch', 'pretrain',
-           'recall_at_1', 'lm_perplexity', 'caption_table', 'pick_captions', 'train_tiny_clip', 'train_causal_lm',
-           'mask_tokens', 'train_tiny_roberta', 'train_tiny_grid', 'train_tiny_blip', 'smollm2_gguf', 'convert_smollm2']
+           'recall_at_1', 'lm_perplexity', 'caption_table', 'pick_captions', 'train_tiny_clip', 'train_clip',
+           'train_causal_lm', 'train_text_lm', 'mask_tokens', 'train_tiny_roberta', 'train_tiny_grid',
+           'train_tiny_blip', 'smollm2_gguf', 'convert_smollm2']
 
 # %% ../nbs/32_zoo_recipes.ipynb #fa79c697
 @functools.lru_cache(maxsize=4)
@@ -112,10 +113,14 @@ def pick_captions(ids, mask, idx, rng) -> tuple[torch.Tensor, torch.Tensor]:
 @register("tiny-clip", "clip", "CLIP ViT (patch 16) + text tower, contrastive on synthetic (image, caption) pairs",
           **WORLD, width=64, layers=3, patch_size=16, steps=500, batch_size=128, lr=2e-3)
 def train_tiny_clip(out: Path, p: dict) -> dict:
-    tok = bb.with_template(_tok(p), "bos_eos"); data = _world(p)
+    data = _world(p)
+    return train_clip(out, p, bb.with_template(_tok(p), "bos_eos"), data["train"], data["val"])
+
+def train_clip(out: Path, p: dict, tok, train: list, val: list) -> dict:
+    "Contrastive pretraining of a tiny CLIP on `train` scenes (one of each scene's captions per step); R@1 on `val`."
     proc = bb.image_processor_for(p["image_size"])
     model = bb.CLIPModel(bb.tiny_clip_config(len(tok), p["image_size"], p["width"], p["layers"], p["width"], p["patch_size"]))
-    px = pixels(proc, [s.image for s in data["train"]]); ids, mask = caption_table(tok, data["train"])
+    px = pixels(proc, [s.image for s in train]); ids, mask = caption_table(tok, train)
     rng = np.random.default_rng(p["seed"])
     def loss_fn(step):
         idx = rng.choice(len(px), p["batch_size"], replace=False)
@@ -123,11 +128,11 @@ def train_tiny_clip(out: Path, p: dict) -> dict:
         return model(input_ids=i, attention_mask=m, pixel_values=px[idx], return_loss=True).loss
     final = pretrain(model, loss_fn, p, weight_decay=0.1)
     with torch.no_grad():
-        enc = tok([s.captions[0] for s in data["val"]], return_tensors="pt", padding=True)
-        metrics = recall_at_1(_as_tensor(model.get_image_features(pixel_values=pixels(proc, [s.image for s in data["val"]]))),
+        enc = tok([s.captions[0] for s in val], return_tensors="pt", padding=True)
+        metrics = recall_at_1(_as_tensor(model.get_image_features(pixel_values=pixels(proc, [s.image for s in val]))),
                               _as_tensor(model.get_text_features(**enc)))
     model.save_pretrained(out); CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(out)
-    return metrics | {"chance_r1": 1 / len(data["val"]), "final_loss": final}
+    return metrics | {"chance_r1": 1 / len(val), "final_loss": final}
 
 def _as_tensor(x):
     "The embedding tensor of a `get_*_features` result (a tensor, or an output whose `pooler_output` is it)."
@@ -138,6 +143,10 @@ def train_causal_lm(out: Path, p: dict, family: str) -> dict:
     "Train a tiny causal LM of `family` on the world's text; save it with its tokenizer; return its metrics."
     tok = _tok(p); data = _world(p)
     train = [t for s in data["train"] for t in scene_texts(s)]; val = [t for s in data["val"] for t in scene_texts(s)]
+    return train_text_lm(out, p, family, train, val, tok)
+
+def train_text_lm(out: Path, p: dict, family: str, train: list[str], val: list[str], tok) -> dict:
+    "Pretrain a tiny causal LM of `family` on `train` with `tok` (one text per row, eos appended); save both; return its metrics."
     model = AutoModelForCausalLM.from_config(bb.tiny_lm_config(family, len(tok), p["width"], p["layers"], p["max_len"]))
     enc = tok([t + tok.eos_token for t in train], return_tensors="pt", padding=True, truncation=True, max_length=p["max_len"])
     rng = np.random.default_rng(p["seed"])
@@ -147,8 +156,7 @@ def train_causal_lm(out: Path, p: dict, family: str) -> dict:
         return model(input_ids=ids, attention_mask=m, labels=ids.masked_fill(m == 0, -100)).loss
     final = pretrain(model, loss_fn, p)
     model.save_pretrained(out); tok.save_pretrained(out)
-    return {"val_ppl": lm_perplexity(model, tok, val, p["max_len"]), "uniform_ppl": float(len(tok)),
-            "final_loss": final}
+    return {"val_ppl": lm_perplexity(model, tok, val, p["max_len"]), "uniform_ppl": float(len(tok)), "final_loss": final}
 
 LM = dict(**WORLD, width=64, layers=2, max_len=48, steps=250, batch_size=48, lr=3e-3)
 for _family in ("llama", "opt", "gptj"):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_data_synth.ipynb #b5db9327
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile, time
+import hashlib, json, os, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ..core import VlmreproError, atomic_write, write_json, read_json, ensure_writable_dir, cache_dir
+from ..core import VlmreproError, atomic_write, write_json, read_json, cache_dir, write_dir_once
 from .records import Sample
 from .shards import clear_output_dir, write_shards
 
@@ -449,16 +449,7 @@ def synthetic_world(root: str | os.PathLike | None = None, n_train: int = 200, n
            w.get("counts") == {"train": n_train, "val": n_val, "test": n_test}: return final
         if root is not None: raise VlmreproError(f"{final} holds a different synthetic world ({w.get('counts')}, seed {w.get('seed')}); "
                                                  "choose an empty directory or matching parameters")
-    ensure_writable_dir(final.parent, "synthetic world cache")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_world(tmp, **params)
-        try: os.replace(tmp, final)                  # onto nothing or an empty dir; never over a finished world
-        except OSError:
-            if not (final/"world.json").exists(): raise
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_dir_once(final, lambda tmp: write_world(tmp, **params), "synthetic world cache")
 
 # %% ../../nbs/12_data_synth.ipynb #c0c4f861
 def world_digest(root: str | os.PathLike) -> str:

@@ -4,14 +4,14 @@
 
 # %% ../../../nbs/62_fromage_world.ipynb #13b923f1
 from __future__ import annotations
-import copy, os, shutil, tempfile, time
+import copy, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ...core import VlmreproError, atomic_write, cache_dir, ensure_writable_dir, read_json, write_json
+from ...core import VlmreproError, atomic_write, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.readers import _ann_file, _check_image, _doc, _inside, _is_id, _list_field, _root
 from ...data.records import DropLog
 from ...data.synth import COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SIZES, SYNONYMS, Obj, Scene, make_captions, render_scene
@@ -369,16 +369,7 @@ def story_world(root=None, n_train: int = 300, n_val: int = 100, n_dialogs: int 
         if (w.get("version"), w.get("seed"), w.get("image_size"), w.get("counts")) == (WORLD_VERSION, seed, image_size, counts): return final
         if root is not None: raise VlmreproError(f"{final} holds a different story world ({w.get('counts')}, seed {w.get('seed')}); "
                                                  "choose an empty directory or matching parameters")
-    ensure_writable_dir(final.parent, "story world cache")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_story_world(tmp, n_train, n_val, n_dialogs, n_captions, image_size, seed)
-        try: os.replace(tmp, final)                  # onto nothing or an empty dir; never over a finished world
-        except OSError:
-            if not (final/"world.json").exists(): raise
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_dir_once(final, lambda tmp: write_story_world(tmp, n_train, n_val, n_dialogs, n_captions, image_size, seed), "story world cache")
 
 # %% ../../../nbs/62_fromage_world.ipynb #064fa9e3
 SUMMARY_CUE = "so the picture shows"

@@ -4,13 +4,13 @@
 
 # %% ../../../nbs/72_illume_world.ipynb #bed86b5e
 from __future__ import annotations
-import os, re, shutil, tempfile, time
+import os, re, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json
+from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.synth import (COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SPLIT_BASE, Scene, coco_caption_json, vqax_json,
                                  layout_scene, noisy_answers, render_scene)
 from .magma import ANSWER_PROMPT
@@ -150,16 +150,7 @@ def illume_world(root: str | os.PathLike | None = None, n_train: int = 200, n_va
     if (final/"world.json").exists():
         if {k: read_json(final/"world.json").get(k) for k in want} == want: return final
         if root is not None: raise VlmreproError(f"{final} holds a different ILLUME world; choose an empty directory or matching parameters")
-    ensure_writable_dir(final.parent, "ILLUME world cache")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_world(tmp, n_train, n_val, image_size, seed)
-        try: os.replace(tmp, final)
-        except OSError:
-            if not (final/"world.json").exists(): raise
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_dir_once(final, lambda tmp: write_world(tmp, n_train, n_val, image_size, seed), "ILLUME world cache")
 
 def read_scenes(root: str | os.PathLike, split: str) -> dict | None:
     "The scene file of `split` under `root` (`annotations/scenes_{split}.json`), or None when the data set has none."

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, ResNetModel
+from transformers import ResNetModel
 
 from ... import backbones as bb
 from ...checkpoint import save_model_weights
@@ -25,7 +25,7 @@ from .magma import (ANSWER_PROMPT, MagmaCollator, answer_segments, build_magma, 
                                            magma_loss, trainable)
 from .world import scene_text, world_scene
 from ...zoo import register
-from ...zoo_recipes import lm_perplexity, pixels, pretrain
+from ...zoo_recipes import pixels, pretrain, train_text_lm
 
 # %% auto #0
 __all__ = ['WORLD', 'GROUPS', 'MAGMA_FILES', 'illume_scenes', 'AttributeGrid', 'save_attribute_grid', 'load_attribute_grid',
@@ -112,17 +112,7 @@ def train_illume_grid(out: Path, p: dict) -> dict:
 def train_illume_gptj(out: Path, p: dict) -> dict:
     tr, va = (illume_scenes(p["seed"], p[f"n_{s}"], s, p["image_size"], False) for s in ("train", "val"))
     train, val = [t for s in tr for t in scene_text(s)], [t for s in va for t in scene_text(s)]
-    tok = bb.train_tokenizer(train, p["vocab_size"])
-    model = AutoModelForCausalLM.from_config(bb.tiny_lm_config("gptj", len(tok), p["width"], p["layers"], p["max_len"]))
-    enc = tok([t + tok.eos_token for t in train], return_tensors="pt", padding=True, truncation=True, max_length=p["max_len"])
-    rng = np.random.default_rng(p["seed"])
-    def loss_fn(step):
-        idx = torch.as_tensor(rng.choice(len(train), p["batch_size"], replace=False))
-        m = enc["attention_mask"][idx]; n = int(m.sum(1).max()); ids = enc["input_ids"][idx, :n]; m = m[:, :n]
-        return model(input_ids=ids, attention_mask=m, labels=ids.masked_fill(m == 0, -100)).loss
-    final = pretrain(model, loss_fn, p)
-    model.save_pretrained(out); tok.save_pretrained(out)
-    return {"val_ppl": lm_perplexity(model, tok, val, p["max_len"]), "uniform_ppl": float(len(tok)), "final_loss": final}
+    return train_text_lm(out, p, "gptj", train, val, bb.train_tokenizer(train, p["vocab_size"]))
 
 # %% ../../../nbs/74_illume_zoo.ipynb #d04c1051
 MAGMA_FILES = ("magma.json", "magma.safetensors")

@@ -4,12 +4,12 @@
 
 # %% ../../../nbs/51_nxtp_world.ipynb #3b6fe851
 from __future__ import annotations
-import io, os, shutil, tempfile, time
+import io, os, time
 from pathlib import Path
 
 import numpy as np
 
-from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json
+from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.records import Sample
 from ...data.shards import write_shards
 from ...data.synth import COLORS, SHAPES, SIZES, layout_scene, render_scene
@@ -94,13 +94,4 @@ def object_world(root: str | os.PathLike | None = None, n_train: int = 1000, n_v
            (WORLD_VERSION, seed, image_size, {"train": n_train, "val": n_val}): return final
         if root is not None: raise VlmreproError(f"{final} holds a different NxTP world ({w.get('counts')}, seed {w.get('seed')}); "
                                                  "choose an empty directory or matching parameters")
-    ensure_writable_dir(final.parent, "NxTP world cache")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_object_world(tmp, n_train, n_val, image_size, seed, shard_size)
-        try: os.replace(tmp, final)
-        except OSError:
-            if not (final/"world.json").exists(): raise
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_dir_once(final, lambda tmp: write_object_world(tmp, n_train, n_val, image_size, seed, shard_size), "NxTP world cache")

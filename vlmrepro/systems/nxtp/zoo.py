@@ -8,14 +8,12 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM
 
 from ... import backbones as bb
 from .model import PROMPT_TEMPLATES
 from .world import OBJECT_NOUNS, object_scene
 from ...zoo import register
-from ...zoo_recipes import caption_table, lm_perplexity, pick_captions, pixels, pretrain, recall_at_1
+from ...zoo_recipes import train_clip, train_text_lm
 
 # %% auto #0
 __all__ = ['world_texts', 'train_nxtp_llama', 'train_nxtp_clip']
@@ -36,41 +34,15 @@ def world_texts(seed: int, n: int, image_size: int = 64) -> list[str]:
 def train_nxtp_llama(out: Path, p: dict) -> dict:
     texts = world_texts(p["seed"], p["n_train"], p["image_size"])
     val = world_texts(p["seed"] + 1, p["n_val"], p["image_size"])
-    tok = bb.train_tokenizer(texts, p["vocab_size"])
-    model = AutoModelForCausalLM.from_config(bb.tiny_lm_config("llama", len(tok), p["width"], p["layers"], p["max_len"]))
-    enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True, truncation=True, max_length=p["max_len"])
-    rng = np.random.default_rng(p["seed"])
-    def loss_fn(step):
-        idx = torch.as_tensor(rng.choice(len(texts), p["batch_size"], replace=False))
-        m = enc["attention_mask"][idx]; n = int(m.sum(1).max()); ids = enc["input_ids"][idx, :n]; m = m[:, :n]
-        return model(input_ids=ids, attention_mask=m, labels=ids.masked_fill(m == 0, -100)).loss
-    final = pretrain(model, loss_fn, p)
-    model.save_pretrained(out); tok.save_pretrained(out)
-    return {"val_ppl": lm_perplexity(model, tok, val, p["max_len"]), "uniform_ppl": float(len(tok)), "final_loss": final}
+    return train_text_lm(out, p, "llama", texts, val, bb.train_tokenizer(texts, p["vocab_size"]))
 
 # %% ../../../nbs/53_nxtp_zoo.ipynb #3f83ed56
 @register("nxtp-clip", "clip", "CLIP ViT (patch 16) + text tower, contrastive on the NxTP world's images and captions",
           recipe_version=3, seed=0, n_train=4000, n_val=200, image_size=64, vocab_size=512, width=64, layers=3,
           patch_size=16, steps=1000, batch_size=128, lr=2e-3)
 def train_nxtp_clip(out: Path, p: dict) -> dict:
-    from transformers import CLIPModel, CLIPProcessor
     seed = p["seed"] + 1000
     train = [object_scene(seed, "train", i, p["image_size"]) for i in range(p["n_train"])]
     val = [object_scene(seed, "val", i, p["image_size"]) for i in range(p["n_val"])]
     tok = bb.with_template(bb.train_tokenizer([c for s in train for c in s.captions], p["vocab_size"]), "bos_eos")
-    proc = bb.image_processor_for(p["image_size"])
-    model = CLIPModel(bb.tiny_clip_config(len(tok), p["image_size"], p["width"], p["layers"], p["width"], p["patch_size"]))
-    px = pixels(proc, [s.image for s in train]); ids, mask = caption_table(tok, train)
-    rng = np.random.default_rng(p["seed"])
-    def loss_fn(step):
-        idx = rng.choice(len(px), p["batch_size"], replace=False)
-        i, m = pick_captions(ids, mask, idx, rng)
-        return model(input_ids=i, attention_mask=m, pixel_values=px[idx], return_loss=True).loss
-    final = pretrain(model, loss_fn, p, weight_decay=0.1)
-    with torch.no_grad():
-        enc = tok([s.captions[0] for s in val], return_tensors="pt", padding=True)
-        img = model.get_image_features(pixel_values=pixels(proc, [s.image for s in val]))
-        txt = model.get_text_features(**enc)
-        metrics = recall_at_1(getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt))
-    model.save_pretrained(out); CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(out)
-    return metrics | {"chance_r1": 1 / len(val), "final_loss": final}
+    return train_clip(out, p, tok, train, val)

@@ -4,14 +4,14 @@
 
 # %% ../../../nbs/82_prismer_world.ipynb #b26c2d6c
 from __future__ import annotations
-import json, os, shutil, tempfile, time
+import json, os, time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ...core import VlmreproError, atomic_write, cache_dir, ensure_writable_dir, read_json, write_json
+from ...core import VlmreproError, atomic_write, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.synth import (CLASSES, COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SPLIT_BASE, WORDS, Obj, Scene,
                                  coco_caption_json, load_font, noisy_answers, object_mask, prismer_lists, vqa_jsons)
 
@@ -205,12 +205,4 @@ def prismer_world(n_train: int = 400, n_val: int = 50, n_test: int = 50, image_s
     "The world with these parameters under the cache, written on first use."
     final = cache_dir("prismer-world")/f"world-v{WORLD_VERSION}-s{seed}-{n_train}-{n_val}-{n_test}-{image_size}px"
     if (final/"world.json").exists(): return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ensure_writable_dir(final.parent, "Prismer world cache")))
-    try:
-        write_world(tmp, n_train, n_val, n_test, image_size, seed)
-        try: os.replace(tmp, final)
-        except OSError:
-            if not (final/"world.json").exists(): raise
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_dir_once(final, lambda tmp: write_world(tmp, n_train, n_val, n_test, image_size, seed), "Prismer world cache")
