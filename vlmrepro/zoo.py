@@ -38,7 +38,8 @@ class Recipe:
 
 ZOO: dict[str, Recipe] = {}
 RECIPE_MODULES = ["vlmrepro.zoo_recipes", "vlmrepro.systems.nxtp.zoo", "vlmrepro.systems.illume.zoo",
-                  "vlmrepro.systems.fromage.zoo"]   # modules whose `register` calls fill ZOO; a system adds its own here
+                  "vlmrepro.systems.fromage.zoo",
+                  "vlmrepro.systems.blip_vizwiz.zoo"]   # modules whose `register` calls fill ZOO; a system adds its own here
 
 def recipes() -> dict[str, Recipe]:
     "Every registered recipe by name (importing the recipe modules on first use)."

@@ -5,6 +5,7 @@
 # %% ../../../nbs/49_blip_vizwiz_system.ipynb #52c1b535
 from __future__ import annotations
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,15 +15,15 @@ from ... import zoo
 from ...backbones import blip_captioner, count_parameters
 from ...core import VlmreproError
 from ...data.readers import read_vizwiz
-from ...data.synth import synthetic_world
 from ...metrics.caption import evaluate_captions
 from .model import add_lora, caption_collator, load_adapter, predict, with_captions
+from .world import WORLD_KINDS, vizwiz_world, world_path
 from ...train import TrainConfig
 
 # %% auto #0
 __all__ = ['ROWS', 'ROW_CAPTIONER', 'NOTEBOOK_ONLY', 'VIZWIZ_FORMAT', 'upstream_stage', 'Config', 'stage', 'build_row', 'build',
            'is_lora', 'trainable_parameters', 'loss', 'optimizer', 'collator', 'world_root', 'data', 'data_files',
-           'world_root_path', 'preflight', 'references', 'caption_metrics', 'evaluate']
+           'preflight', 'references', 'best_constant_caption', 'caption_metrics', 'evaluate']
 
 # %% ../../../nbs/49_blip_vizwiz_system.ipynb #58e1b56b
 ROWS = ("zeroshot", "full", "lora")
@@ -36,10 +37,13 @@ def upstream_stage(**kw) -> TrainConfig:
 @dataclass
 class Config:
     "BLIP on VizWiz settings; `train` fine-tunes the base captioner in full, `lora` trains the large one's adapters."
-    base_model: str = "tiny-blip"             # the captioner fine-tuned in full: zoo name, local dir or hub name
-    large_model: str = "tiny-blip"            # the captioner evaluated zero-shot and adapted with LoRA
+    base_model: str = "tiny-blip-base"        # the captioner fine-tuned in full: zoo name, local dir or hub name
+    large_model: str = "tiny-blip-large"      # the captioner evaluated zero-shot and adapted with LoRA
     rows: list = field(default_factory=lambda: list(ROWS))
     data_root: str | None = None              # a VizWiz-Captions root; None: the synthetic world
+    world: str = "vizwiz"                     # the synthetic world's captions: vizwiz | check (ignored with data_root)
+    check: bool = False                       # also run the vocabulary check (synthetic world only)
+    check_model: str = "tiny-blip"            # the check's captioner: one pretrained without VizWiz's words
     n_train: int = 600                        # synthetic world sizes (ignored with data_root)
     n_val: int = 120
     n_test: int = 60
@@ -58,6 +62,9 @@ class Config:
             raise VlmreproError(f"rows {bad} are not among {', '.join(ROWS)}; pass e.g. -p rows '[zeroshot, lora]'")
         if not self.rows or len(set(self.rows)) != len(self.rows):
             raise VlmreproError(f"rows must name each of {', '.join(ROWS)} at most once and at least one of them, got {self.rows}")
+        if self.world not in WORLD_KINDS: raise VlmreproError(f"world {self.world!r} is not one of {', '.join(WORLD_KINDS)}")
+        if self.check and self.data_root:
+            raise VlmreproError("the vocabulary check runs on the synthetic worlds only; pass -p check false with data_root")
         if self.init_adapter and "lora" not in self.rows:
             raise VlmreproError(f"init_adapter is for the lora row, which rows {self.rows} leaves out; add lora to rows")
 
@@ -108,14 +115,17 @@ def collator(model, processor, max_length: int = 40):
     return caption_collator(processor, model.config.text_config.bos_token_id, max_length)
 
 # %% ../../../nbs/49_blip_vizwiz_system.ipynb #90969445
-def world_root(cfg: Config) -> Path:
-    "The data root of `cfg`: `data_root`, else the synthetic world (written on first use)."
-    if cfg.data_root: return Path(cfg.data_root)
-    return synthetic_world(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, image_size=cfg.image_size, seed=cfg.train.seed)
+def _world_args(cfg: Config) -> dict:
+    return dict(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, image_size=cfg.image_size, seed=cfg.train.seed)
 
-def data(cfg: Config) -> dict[str, list]:
+def world_root(cfg: Config, kind: str | None = None) -> Path:
+    "The data root of `cfg`: `data_root`, else the synthetic world of `kind` (default `cfg.world`), written on first use."
+    if cfg.data_root: return Path(cfg.data_root)
+    return vizwiz_world(kind or cfg.world, **_world_args(cfg))
+
+def data(cfg: Config, kind: str | None = None) -> dict[str, list]:
     "{'train', 'val', 'test'} samples; train and val keep only images with a usable caption."
-    root = world_root(cfg)
+    root = world_root(cfg, kind)
     out = {split: read_vizwiz(root, split) for split in ("train", "val", "test")}
     return {"train": with_captions(out["train"]), "val": with_captions(out["val"]), "test": list(out["test"])}
 
@@ -123,7 +133,7 @@ VIZWIZ_FORMAT = ('VizWiz-Captions JSON: {"images": [{file_name, id, ...}], "anno
                  'is_rejected, is_precanned, ...}]}')
 
 def _model_entry(name: str, what: str) -> dict | None:
-    "A data_files row for a captioner given as a local directory (zoo names are built on demand, hub names are fetched)."
+    "A data_files row for a captioner: a zoo entry (built on first use) or a local directory; None for a hub name."
     if name in zoo.recipes(): return {"path": zoo.zoo_root()/name, "format": f"{what}: tiny zoo entry, built on first use", "required": False}
     if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
         return {"path": Path(name).expanduser(), "format": f"{what}: a save_pretrained directory (config.json, model.safetensors, processor files)", "required": True}
@@ -131,27 +141,24 @@ def _model_entry(name: str, what: str) -> dict | None:
 
 def data_files(cfg: Config) -> list[dict]:
     "Every file or directory a run with `cfg` reads: {'path', 'format', 'required'}."
+    models = [(getattr(cfg, ROW_CAPTIONER[row]), f"{ROW_CAPTIONER[row]} ({row} row)") for row in cfg.rows]
+    if cfg.check: models.append((cfg.check_model, "check_model (vocabulary check)"))
     files = []
-    for row in cfg.rows:
-        name = getattr(cfg, ROW_CAPTIONER[row])
-        if (e := _model_entry(name, f"{ROW_CAPTIONER[row]} ({row} row)")) and e["path"] not in [f["path"] for f in files]: files.append(e)
+    for name, what in models:
+        if (e := _model_entry(name, what)) and e["path"] not in [f["path"] for f in files]: files.append(e)
     if cfg.init_adapter:
         files.append({"path": Path(cfg.init_adapter)/"adapter_config.json", "format": "peft adapter config written by save_pretrained", "required": True})
         files.append({"path": Path(cfg.init_adapter)/"adapter_model.safetensors", "format": "peft adapter weights", "required": True})
     if not cfg.data_root:
-        return files + [{"path": world_root_path(cfg), "format": "synthetic world in VizWiz-Captions format, written on first use", "required": False}]
+        kinds = dict.fromkeys([cfg.world, *(WORLD_KINDS if cfg.check else ())])
+        return files + [{"path": world_path(k, **_world_args(cfg)), "format": f"synthetic {k} world in VizWiz-Captions format, written on first use",
+                         "required": False} for k in kinds]
     root = Path(cfg.data_root)
     for split in ("train", "val", "test"):
         fmt = VIZWIZ_FORMAT if split != "test" else 'VizWiz-Captions JSON with "images" only (the test split has no captions)'
         files.append({"path": root/"annotations"/f"{split}.json", "format": fmt, "required": True})
         files.append({"path": root/split, "format": f"the {split} images, named as the annotation file's file_name", "required": True})
     return files
-
-def world_root_path(cfg: Config) -> Path:
-    "Where the synthetic world of `cfg` lives (without writing it)."
-    from vlmrepro.core import cache_dir
-    from vlmrepro.data.synth import WORLD_VERSION
-    return cache_dir("synth")/f"world-v{WORLD_VERSION}-s{cfg.train.seed}-{cfg.n_train}-{cfg.n_val}-{cfg.n_test}-{cfg.image_size}px-sh100"
 
 def preflight(cfg: Config) -> list[dict]:
     "`data_files(cfg)`, after checking that every required one exists (an error names each missing one)."
@@ -165,6 +172,12 @@ def preflight(cfg: Config) -> list[dict]:
 def references(samples) -> dict:
     "{image_id: [captions]} of samples."
     return {s.image_id: list(s.captions) for s in samples}
+
+def best_constant_caption(train, n_candidates: int = 20, n_images: int = 200) -> str:
+    "The one caption that, said of every image, scores the best CIDEr-D on the training split (among its most frequent captions)."
+    refs = references(train[:n_images])
+    candidates = [c for c, _ in Counter(c for s in train for c in s.captions).most_common(n_candidates)]
+    return max(candidates, key=lambda c: evaluate_captions(refs, dict.fromkeys(refs, c), fast=True)["CIDEr"])
 
 def caption_metrics(refs: dict, preds: dict, row: str, split: str = "val", fast: bool = True) -> dict[str, float]:
     "CIDEr-D (x100) of `preds`, plus BLEU-4, ROUGE-L and METEOR on the official path, named `{split}/{metric}_{row}`."
