@@ -4,12 +4,12 @@
 
 # %% ../../../nbs/41_blip_world.ipynb #04bbfce9
 from __future__ import annotations
-import os, re, shutil, tempfile
+import os, re, shutil
 from pathlib import Path
 
 import numpy as np
 
-from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json
+from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.synth import SPLIT_BASE, SYNONYMS, VIZWIZ_OPENERS, Scene, make_scene
 
 # %% auto #0
@@ -105,11 +105,5 @@ def vizwiz_world(kind: str = "vizwiz", n_train: int = 600, n_val: int = 120, n_t
     "The path of the world with these settings, written on first use (atomically, under the cache)."
     final = world_path(kind, n_train, n_val, n_test, image_size, seed)
     if (final/"world.json").exists() and read_json(final/"world.json").get("version") == WORLD_VERSION: return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_vizwiz_world(tmp, kind, n_train, n_val, n_test, image_size, seed)
-        tmp.chmod(0o755)
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    if final.exists(): shutil.rmtree(final)              # half-written, or of another version
+    return write_dir_once(final, lambda tmp: write_vizwiz_world(tmp, kind, n_train, n_val, n_test, image_size, seed), "BLIP world cache")
