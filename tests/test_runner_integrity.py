@@ -282,6 +282,17 @@ def test_report_groups_runs_that_differ_only_in_seed(tmp_path):
     assert "other-lr |" not in md.split("across seeds")[1].split("\n## ")[0]
 
 
+def test_report_counts_a_seed_run_twice_once(tmp_path):
+    "The preset's own run (seed 0) beside a sweep that also ran seed 0: the group has three seeds, the sweep's run for seed 0."
+    from vlmrepro.runner import report_markdown
+    res = tmp_path/"res"
+    for rid, seed, acc in [("tiny", 0, 0.5), ("seeds-000", 0, 0.5), ("seeds-001", 1, 0.7), ("seeds-002", 2, 0.6)]:
+        _fake_run(res, "quickstart", rid, config_json=json.dumps({"preset": "tiny", "params": {"seed": seed}}),
+                  metrics_json=json.dumps({"val/acc": acc}))
+    md = report_markdown(res)
+    assert "| seeds-000, seeds-001, seeds-002 | tiny | defaults | val/acc | 0.6 | 0.1 | 3 |" in md, md
+
+
 # ---- 9. no absolute path of the machine in what a run keeps ----
 
 def test_saved_files_hold_no_absolute_path(tmp_path, toy):

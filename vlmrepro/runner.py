@@ -441,7 +441,7 @@ def collect_runs(results: str | os.PathLike | None = None) -> list[dict]:
 def _fmt(v) -> str: return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 def seed_groups(runs: list[dict]) -> list[dict]:
-    "Finished runs of one system and preset whose parameters differ only in `seed`, with each metric's mean, std and n."
+    "Finished runs of one system and preset whose parameters differ only in `seed`, with each metric's mean, std and n (one run per seed)."
     groups = {}
     for r in runs:
         if r["status"] == "done" and "seed" in r["params"]:
@@ -449,7 +449,10 @@ def seed_groups(runs: list[dict]) -> list[dict]:
             groups.setdefault((r["system"], r["preset"], rest), []).append(r)
     out = []
     for (system, preset, rest), rs in groups.items():
-        if len(rs) < 2 or len({json.dumps(r["params"]["seed"]) for r in rs}) < 2: continue
+        by_seed = {}
+        for r in rs: by_seed.setdefault(json.dumps(r["params"]["seed"]), []).append(r)
+        rs = [min(v, key=lambda r: r["run_id"] == r["preset"]) for v in by_seed.values()]   # a seed run twice counts once, a sweep's run first
+        if len(rs) < 2: continue
         names = list(dict.fromkeys(k for r in rs for k in r["metrics"]))
         stats = {}
         for k in names:
