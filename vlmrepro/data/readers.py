@@ -42,7 +42,7 @@ def _finish(items, log: DropLog, filtered: Counter, source: str, verify: bool, v
             except BadInputError as e: log.seen -= 1; log.add(e)   # counted already as seen
         items = good
     out = Samples(items, log.finish(verbose), filtered, source)
-    if verbose and filtered: print("\n".join(out.report().splitlines()[1:]), file=sys.stderr)
+    if verbose and filtered: print("\n".join(out.report().splitlines()[1:]))   # information, not a problem: stdout
     return out
 
 def _ann_file(root: Path, candidates: list[str], what: str, explicit=None) -> Path:
