@@ -4,7 +4,7 @@
 
 # %% ../../nbs/13_data_readers.ipynb #5079b3a9
 from __future__ import annotations
-import csv, dataclasses, json, os, sys
+import csv, dataclasses, json, os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
