@@ -116,7 +116,7 @@ def add_special_tokens(model, tokenizer, tokens: list[str], trainable: list[str]
         raise VlmreproError(f"trainable tokens {stray} are not among the added tokens {tokens}")
     tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        with quiet_hf(): model.resize_token_embeddings(len(tokenizer), mean_resizing=True)   # new rows: mean and covariance of the old
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     if train_rows_only and trainable:
         rows = tokenizer.convert_tokens_to_ids(trainable)
@@ -181,7 +181,8 @@ def with_template(tokenizer: PreTrainedTokenizerFast, template: str) -> PreTrain
 # %% ../nbs/31_backbones.ipynb #bd7f741f
 def vision_tower(name: str, **kwargs) -> tuple[CLIPVisionModel, object]:
     "(CLIP ViT vision tower, image processor) from a zoo name, local dir or hub name."
-    return load_pretrained(CLIPVisionModel, name, **kwargs), load_pretrained(AutoImageProcessor, name)
+    with quiet_hf(): model = load_pretrained(CLIPVisionModel, name, **kwargs)   # a full CLIP's text weights are expected to stay unused
+    return model, load_pretrained(AutoImageProcessor, name)
 
 def grid_encoder(name: str, **kwargs) -> tuple[ResNetModel, object]:
     "(ResNet grid encoder whose last feature map is the image grid, image processor)."
@@ -189,7 +190,8 @@ def grid_encoder(name: str, **kwargs) -> tuple[ResNetModel, object]:
 
 def text_tower(name: str, **kwargs) -> tuple[CLIPTextModel, object]:
     "(CLIP text tower, tokenizer) from a zoo name, local dir or hub name."
-    return load_pretrained(CLIPTextModel, name, **kwargs), load_pretrained(AutoTokenizer, name)
+    with quiet_hf(): model = load_pretrained(CLIPTextModel, name, **kwargs)     # a full CLIP's vision weights are expected to stay unused
+    return model, load_pretrained(AutoTokenizer, name)
 
 def clip_model(name: str, **kwargs) -> tuple[CLIPModel, object]:
     "(full CLIP model with both towers and projections, processor)."
