@@ -211,10 +211,10 @@ def tiny_clip_config(vocab_size: int = 512, image_size: int = 32, width: int = 6
 
 def image_processor_for(image_size: int, kind: str = "clip"):
     "An image processor that resizes to `image_size` squared with CLIP's normalisation ('clip') or BLIP's ('blip')."
-    from transformers import BlipImageProcessor, CLIPImageProcessor
-    if kind == "blip": return BlipImageProcessor(size={"height": image_size, "width": image_size})
+    from transformers import BlipImageProcessorPil, CLIPImageProcessorPil   # PIL backends: torchvision is not used here
+    if kind == "blip": return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     if kind != "clip": raise VlmreproError(f"unknown image processor kind {kind!r}; valid: 'clip', 'blip'")
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 # %% ../nbs/31_backbones.ipynb #6854357f
 def tiny_resnet_config(widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), stem: int = 16) -> ResNetConfig:

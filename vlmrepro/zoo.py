@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_zoo.ipynb #bf6d857a
 from __future__ import annotations
-import contextlib, importlib, os, shutil, sys, tempfile, time
+import contextlib, importlib, os, shutil, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,7 +116,7 @@ def ensure(name: str, root: str | os.PathLike | None = None) -> Path:
     "The directory of zoo entry `name`, built first if it is missing or stale."
     if name not in recipes(): raise VlmreproError(f"unknown zoo entry {name!r}; valid: {', '.join(recipes())}")
     if is_current(name, root): return zoo_root(root)/name
-    print(f"vlmrepro zoo: building {name!r} into {zoo_root(root)} (once; cached afterwards)", file=sys.stderr)
+    print(f"vlmrepro zoo: building {name!r} into {zoo_root(root)} (once; cached afterwards)")   # information: stdout
     return build(name, root)
 
 def verify(name: str, root: str | os.PathLike | None = None) -> Path:
