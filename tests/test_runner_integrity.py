@@ -380,15 +380,10 @@ def test_nxtp_and_quickstart_describe_their_data(tmp_path):
 
 
 MACHINE_PATH = __import__("re").compile(r"""(?:^|["'\s(=])/(?:work|root|home|tmp|Users|var|opt|mnt|scratch)/""")
-REMADE = {"quickstart/tiny"}              # committed runs made since the runner saves portable notebooks
 
 
 def _committed(run_dir: Path):
-    name = f"{run_dir.parent.name}/{run_dir.name}"
-    preset = json.loads((run_dir/"config.json").read_text()).get("preset")
-    marks = () if name in REMADE else pytest.mark.xfail(strict=True, reason=f"made before the runner saved portable notebooks; re-make "
-                                                         f"it: vlmrepro run {run_dir.parent.name} --preset {preset} --run-id {run_dir.name} --rerun")
-    return pytest.param(run_dir, id=name, marks=marks)
+    return pytest.param(run_dir, id=f"{run_dir.parent.name}/{run_dir.name}")
 
 
 @pytest.mark.parametrize("run_dir", [_committed(p.parent) for p in sorted((REPO/"results").glob("*/*/config.json"))])
