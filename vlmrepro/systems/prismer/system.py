@@ -25,7 +25,7 @@ from ...train import TrainConfig
 # %% auto #0
 __all__ = ['NOTEBOOK_ONLY', 'Config', 'expert_backends', 'data_files', 'check_data', 'Data', 'data', 'model_config',
            'read_classes', 'caption_vocabulary', 'build_codes', 'build_model', 'build', 'loss', 'optimizer', 'collator',
-           'evaluate']
+           'ImageSideFrozen', 'evaluate']
 
 # %% ../../../nbs/89_prismer_system.ipynb #b23c4f9b
 def _stage(**kw) -> Callable:
@@ -64,6 +64,7 @@ class Config:
     pretrain: TrainConfig = field(default_factory=_stage(lr=3e-4, warmup_steps=2000, min_lr_ratio=1e-6 / 3e-4))
     train: TrainConfig = field(default_factory=_stage(lr=5e-5, epochs=3))
     vqa: TrainConfig = field(default_factory=_stage(lr=5e-5, epochs=10))
+    vqa_probe_steps: int = 0                # VQA steps with the image side frozen first (0: upstream; see ImageSideFrozen)
 
     @property
     def expert_names(self) -> tuple: return tuple(parse_experts(self.experts)) if self.experts else ()
@@ -198,6 +199,17 @@ def collator(processors: dict, model: Prismer, cfg: Config, task: str = "caption
     "The batches `model` reads for `task` (captions: `prefix` before them; VQA: the question alone, as upstream)."
     return PrismerCollator(processors["tokenizer"], model.cfg, processors["codes"], task=task, train=train, prefix=prefix,
                            max_length=cfg.max_text_len if train else 64, seed=cfg.train.seed)
+
+class ImageSideFrozen:
+    """`fit` callback: for the first `steps` optimizer steps the image side (`expert_encoder`: stems, resampler, ViT
+    adaptors, norms, positions) gets no update, so only the decoder learns a new task's answer format; then the whole
+    `finetune` set trains. A deviation from the upstream (which trains it all from step 0), for short tiny schedules."""
+    def __init__(self, steps: int): self.steps, self.step = int(steps), 0
+    def after_backward(self, model):
+        if self.step < self.steps:
+            for p in model.expert_encoder.parameters(): p.grad = None       # AdamW skips a parameter without a gradient
+    def after_step(self, model, state): self.step = int(state.step)
+
 
 # %% ../../../nbs/89_prismer_system.ipynb #b57efea0
 def _slug(s: str) -> str: return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
