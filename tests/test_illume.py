@@ -85,8 +85,10 @@ def test_paper_preset_without_weights_names_the_file():
 def test_paper_preset_run_stops_naming_the_file(tmp_path, vlmrepro_cmd):
     out = subprocess.run([*vlmrepro_cmd, "run", "illume", "--preset", "paper", "--run-id", "p", "--results", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0
-    assert "checkpoints/magma-converted/magma.json: pretrained MAGMA not found" in out.stdout + out.stderr
+    assert out.returncode == 2 and "illume cannot start" in out.stderr and "vlmrepro check illume" in out.stderr
+    check = subprocess.run([*vlmrepro_cmd, "check", "illume", "--preset", "paper"], capture_output=True, text=True, timeout=600)
+    assert check.returncode == 2
+    assert "checkpoints/magma-converted/magma.json" in check.stdout and "vlmrepro convert illume" in check.stdout, check.stdout
 
 
 def test_critic_rule():

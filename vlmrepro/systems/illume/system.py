@@ -117,9 +117,9 @@ def data_files(cfg: Config) -> list[dict]:
             out.append({"path": root/"annotations"/f"vqaX_{split}.json", "required": True,
                         "format": "VQA-X JSON: question id -> {question, image_id, image_name, answers [{answer}], explanation [str]}"})
             out.append({"path": root/"images"/split, "required": True, "format": f"the images named by vqaX_{split}.json's image_name"})
-            out.append({"path": root/"annotations"/f"scenes_{split}.json", "required": "simulated_human" in cfg.critics and split == "train",
+            out.append({"path": root/"annotations"/f"scenes_{split}.json", "required": False,   # without them the notebook skips both
                         "format": "JSON {vocabulary: {attribute: [values]}, images: {image_id: [{attribute: value}]}}: the objects of "
-                                  "each image, for the consistency score and the simulated human critic"})
+                                  "each image, for the consistency score and the simulated human critic (optional: without it, neither)"})
     if cfg.magma not in zoo.recipes():
         d = Path(cfg.magma)
         out += [{"path": d/"magma.json", "required": True, "format": "JSON: lm, grid, feature_dim, downsample_factor, sites (vlmrepro convert illume)"},
