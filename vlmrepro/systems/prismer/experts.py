@@ -148,9 +148,9 @@ class OracleExpert(Expert):
 class TextFeatures:
     "Callable: list of texts -> (n, D) float32 CLIP text embeddings (cached per text)."
     def __init__(self, name: str = "tiny-clip"):
-        from vlmrepro.backbones import clip_model
+        from vlmrepro.backbones import clip_model, quiet_hf
         self.source = str(name)
-        self.model, proc = clip_model(name)
+        with quiet_hf(): self.model, proc = clip_model(name)          # no load report or progress bar on stderr
         self.model.eval(); self.tokenizer = getattr(proc, "tokenizer", proc); self.cache = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:

@@ -335,6 +335,10 @@ class PrismerCollator:
 
     def raw_maps(self, s) -> dict:
         "The sample's label maps at `expert_size` (plus detection classes / OCR word features); complete ones are kept in memory."
+        if absent := [e for e in self.cfg.experts if e not in s.experts]:
+            raise VlmreproError(f"sample {s.image_id!r} was read without the {absent} labels this Prismer takes (experts {self.cfg.experts}): "
+                                "read its samples with the model's experts (read_prismer(..., experts=model.cfg.experts)); "
+                                "a label file that is missing on disk is None, not absent")
         key = tuple(s.experts.get(e) for e in self.cfg.experts)
         if key in self._cache: return self._cache[key]
         out, before = {}, sum(self.missing.values())
