@@ -233,8 +233,10 @@ def bench_markdown(results: dict, meta: dict) -> str:
              "| benchmark | ours | baseline | ratio | note |", "|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r: lines.append(f"| {name} | failed | | | {r['error']} |"); continue
+        run = r.get("run", {})
+        when = f"; measured {run.get('started')} at {str(run.get('git_commit'))[:7]} (kept by `--only`)" if run.get("started", meta["started"]) != meta["started"] else ""
         for row in r["summary"]:
-            lines.append(f"| {row['what']} | {_fmt(row['ours'])} | {_fmt(row['baseline'])} | {_fmt(row['ratio'])} | {row['note']} |")
+            lines.append(f"| {row['what']} | {_fmt(row['ours'])} | {_fmt(row['baseline'])} | {_fmt(row['ratio'])} | {row['note']}{when} |")
     lines += ["", "Detailed reports beside this file: `caption_metrics.md` (metrics), `data_loading.md` (data), "
               "`nxtp_decoding.md` (decoding); `bench.json` holds every number.", ""]
     if "fit" in results and "error" not in results["fit"]:
@@ -247,6 +249,15 @@ def bench_markdown(results: dict, meta: dict) -> str:
                   f"First call in a fresh process (2 steps, one-time imports included): plain {f['first_call_seconds']['plain']:.2f} s, "
                   f"fit {f['first_call_seconds']['fit']:.2f} s.", ""]
     return "\n".join(lines)
+
+def _kept(path: Path, results: dict) -> dict:
+    "`results` after the earlier run's other benchmarks (so `--only` replaces rows, never drops them), each with when it ran."
+    if not path.exists(): return results
+    try: old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError): return results
+    prev = {"started": old.get("meta", {}).get("started"), "git_commit": old.get("meta", {}).get("git_commit")}
+    kept = {k: {"run": prev, **v} for k, v in old.get("results", {}).items() if k in BENCHES and k not in results}
+    return {k: (results | kept)[k] for k in BENCHES if k in results or k in kept}
 
 def run_benches(names=None, quick: bool = False, out_dir="results/benchmarks", log=print) -> tuple[dict, dict]:
     "Run the named benchmarks (default: all) and write bench.json and README.md under `out_dir`; (results, meta)."
@@ -266,9 +277,11 @@ def run_benches(names=None, quick: bool = False, out_dir="results/benchmarks", l
         except (VlmreproError, OSError, ImportError) as e:
             results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
         results[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        results[name]["run"] = {"started": meta["started"], "git_commit": meta["git_commit"]}
         log(f"   {name}: {results[name].get('error', 'done')} ({results[name]['bench_seconds']} s)")
     meta["loadavg_after"] = os.getloadavg()[0]
     if out is not None:
+        results = _kept(out/"bench.json", results)
         write_json(out/"bench.json", {"meta": meta, "results": results})
         with atomic_write(out/"README.md") as f: f.write(bench_markdown(results, meta))
     return results, meta
