@@ -179,10 +179,13 @@ def with_template(tokenizer: PreTrainedTokenizerFast, template: str) -> PreTrain
                                    unk_token="<unk>", mask_token="<mask>")
 
 # %% ../nbs/31_backbones.ipynb #bd7f741f
+def _one_tower(cls, name: str, **kwargs):
+    "One tower of a full CLIP: the other tower's weights are expected to stay unused, so transformers' load report is not shown."
+    with quiet_hf(): return load_pretrained(cls, name, **kwargs)
+
 def vision_tower(name: str, **kwargs) -> tuple[CLIPVisionModel, object]:
     "(CLIP ViT vision tower, image processor) from a zoo name, local dir or hub name."
-    with quiet_hf(): model = load_pretrained(CLIPVisionModel, name, **kwargs)   # a full CLIP's text weights are expected to stay unused
-    return model, load_pretrained(AutoImageProcessor, name)
+    return _one_tower(CLIPVisionModel, name, **kwargs), load_pretrained(AutoImageProcessor, name)
 
 def grid_encoder(name: str, **kwargs) -> tuple[ResNetModel, object]:
     "(ResNet grid encoder whose last feature map is the image grid, image processor)."
@@ -190,8 +193,7 @@ def grid_encoder(name: str, **kwargs) -> tuple[ResNetModel, object]:
 
 def text_tower(name: str, **kwargs) -> tuple[CLIPTextModel, object]:
     "(CLIP text tower, tokenizer) from a zoo name, local dir or hub name."
-    with quiet_hf(): model = load_pretrained(CLIPTextModel, name, **kwargs)     # a full CLIP's vision weights are expected to stay unused
-    return model, load_pretrained(AutoTokenizer, name)
+    return _one_tower(CLIPTextModel, name, **kwargs), load_pretrained(AutoTokenizer, name)
 
 def clip_model(name: str, **kwargs) -> tuple[CLIPModel, object]:
     "(full CLIP model with both towers and projections, processor)."
