@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_checkpoint.ipynb #a100e03d
 from __future__ import annotations
-import json, os, random, re, shutil, tempfile
+import json, os, random, shutil, tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .core import VlmreproError, atomic_write, read_json, sha256_file, write_json
+from .core import VlmreproError, read_json, sha256_file, write_json
 
 # %% auto #0
 __all__ = ['model_state', 'save_model_weights', 'load_model_weights', 'flatten_state', 'unflatten_state', 'rng_state',

@@ -4,14 +4,14 @@
 
 # %% ../nbs/03_train.ipynb #78d469a4
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, shutil, tempfile, time
+import contextlib, dataclasses, json, math, os, shutil, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .core import VlmreproError, atomic_write, check_names, ensure_writable_dir, pick_device, pick_precision, seed_everything

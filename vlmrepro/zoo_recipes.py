@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_zoo_recipes.ipynb #02f02367
 from __future__ import annotations
-import functools, math, sys, tempfile
+import functools, math, tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BlipForConditionalGeneration, BlipProcessor, CLIPProcessor,
                           LlamaForCausalLM, ResNetModel, RobertaForMaskedLM)
 

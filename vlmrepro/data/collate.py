@@ -5,7 +5,7 @@
 # %% ../../nbs/15_data_collate.ipynb #4c21e947
 from __future__ import annotations
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch

@@ -4,11 +4,10 @@
 
 # %% ../../nbs/14_data_pack.ipynb #abc32afe
 from __future__ import annotations
-import os
 from pathlib import Path
 
 from ..core import VlmreproError, read_json, write_json
-from .records import Sample, Dropped, DropLog
+from .records import Dropped, DropLog
 from .readers import READERS, read
 from .shards import ShardDataset, check_output_dir, shard_paths, write_shards
 

@@ -4,10 +4,10 @@
 
 # %% ../../nbs/13_data_readers.ipynb #5079b3a9
 from __future__ import annotations
-import csv, dataclasses, json, os
+import dataclasses, json, os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch

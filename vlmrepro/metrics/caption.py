@@ -4,8 +4,7 @@
 
 # %% ../../nbs/20_metrics_caption.ipynb #67941f19
 from __future__ import annotations
-import gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading, time
-from collections import Counter
+import gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading
 from pathlib import Path
 
 import numpy as np

@@ -4,14 +4,14 @@
 
 # %% ../../nbs/22_metrics_recognition.ipynb #b378b375
 from __future__ import annotations
-import importlib.util, io, os, pickle, re, warnings
+import importlib.util, io, pickle, re, warnings
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..core import VlmreproError, read_json
+from ..core import VlmreproError
 
 # %% auto #0
 __all__ = ['NOISE_WORDS', 'WORDNET_DIRS', 'NOUN_TAGS', 'clean_caption', 'nltk_backend', 'nlp_sources', 'extract_labels',

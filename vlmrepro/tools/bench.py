@@ -4,7 +4,7 @@
 
 # %% ../../nbs/91_bench.ipynb #f81b0aaf
 from __future__ import annotations
-import json, math, os, platform, shutil, tempfile, time
+import json, os, platform, shutil, tempfile, time
 from pathlib import Path
 
 import numpy as np

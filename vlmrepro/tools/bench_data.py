@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import VlmreproError, write_json, atomic_write, package_versions, git_commit
+from ..core import write_json, atomic_write, package_versions, git_commit
 from ..data.readers import SampleDataset, read_coco_captions
 from ..data.shards import ShardDataset
 from ..data.records import drop_bad

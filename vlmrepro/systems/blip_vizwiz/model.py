@@ -8,7 +8,6 @@ import os, random, shutil, tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from ...core import VlmreproError, write_json
 from ...data.collate import CaptionCollator, image_batch

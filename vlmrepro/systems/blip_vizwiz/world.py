@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
-from ...data.synth import SPLIT_BASE, SYNONYMS, VIZWIZ_OPENERS, Scene, make_scene
+from ...data.synth import SPLIT_BASE, SYNONYMS, Scene, make_scene
 
 # %% auto #0
 __all__ = ['ALT_OPENERS', 'ALT_SIGNS', 'CHECK_WORDS', 'WORLD_KINDS', 'WORLD_VERSION', 'noun_phrase', 'join_phrases', 'alt_text',

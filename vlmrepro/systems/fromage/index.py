@@ -4,7 +4,7 @@
 
 # %% ../../../nbs/61_fromage_index.ipynb #a7017658
 from __future__ import annotations
-import io, json, os, pickle, shutil, struct, tempfile, time, warnings
+import json, os, pickle, shutil, struct, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

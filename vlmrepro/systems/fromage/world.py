@@ -5,7 +5,7 @@
 # %% ../../../nbs/62_fromage_world.ipynb #13b923f1
 from __future__ import annotations
 import copy, os, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

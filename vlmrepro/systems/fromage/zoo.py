@@ -4,7 +4,6 @@
 
 # %% ../../../nbs/65_fromage_zoo.ipynb #7a066a1d
 from __future__ import annotations
-import math
 from pathlib import Path
 
 import numpy as np

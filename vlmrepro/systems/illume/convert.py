@@ -4,7 +4,7 @@
 
 # %% ../../../nbs/73_illume_convert.ipynb #ed718bba
 from __future__ import annotations
-import math, os, pickle, re
+import os, pickle, re
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace

@@ -4,7 +4,7 @@
 
 # %% ../../../nbs/70_illume_magma.ipynb #16e7f5b8
 from __future__ import annotations
-import inspect, os
+import os
 from dataclasses import dataclass
 from pathlib import Path
 

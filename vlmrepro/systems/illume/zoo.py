@@ -5,7 +5,6 @@
 # %% ../../../nbs/74_illume_zoo.ipynb #d6aa8483
 from __future__ import annotations
 import functools, json, math
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 

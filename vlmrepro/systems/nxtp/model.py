@@ -4,9 +4,8 @@
 
 # %% ../../../nbs/50_nxtp_model.ipynb #f2bbe7b3
 from __future__ import annotations
-import functools, math, os, random, time
+import functools, math, random
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-from ...core import VlmreproError, atomic_write, write_json
+from ...core import VlmreproError
 from ...data.collate import image_batch
 from ...data.records import drop_bad
 from ...metrics.recognition import evaluate_recognition, extract_labels

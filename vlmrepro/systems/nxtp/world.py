@@ -12,7 +12,7 @@ import numpy as np
 from ...core import VlmreproError, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
 from ...data.records import Sample
 from ...data.shards import write_shards
-from ...data.synth import COLORS, SHAPES, SIZES, layout_scene, render_scene
+from ...data.synth import SHAPES, SIZES, layout_scene, render_scene
 
 # %% auto #0
 __all__ = ['OBJECT_NOUNS', 'OBJECT_COLORS', 'CLASSES', 'CAPTION_TEMPLATES', 'SPLITS', 'WORLD_VERSION', 'object_noun',

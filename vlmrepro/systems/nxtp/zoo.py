@@ -4,7 +4,6 @@
 
 # %% ../../../nbs/53_nxtp_zoo.ipynb #d625b549
 from __future__ import annotations
-import functools
 from pathlib import Path
 
 import numpy as np

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, warnings
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from ...core import VlmreproError, check_names, read_json
 from ...data.collate import encode_segments, pad_batch, images_to_tensor
 from ...data.readers import PRISMER_EXPERTS, load_expert
 from ...data.records import drop_bad
-from ...backbones import freeze, unfreeze, count_parameters, paper_config
+from ...backbones import freeze, unfreeze, paper_config
 
 # %% auto #0
 __all__ = ['DENSE_EXPERTS', 'CODE_EXPERTS', 'CHANNELS', 'MODES', 'PrismerConfig', 'SquaredReLU', 'Adaptor', 'expert_stem',

@@ -4,14 +4,14 @@
 
 # %% ../../../nbs/82_prismer_world.ipynb #b26c2d6c
 from __future__ import annotations
-import json, os, time
+import json, time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ...core import VlmreproError, atomic_write, cache_dir, ensure_writable_dir, read_json, write_json, write_dir_once
+from ...core import VlmreproError, cache_dir, ensure_writable_dir, write_json, write_dir_once
 from ...data.synth import (CLASSES, COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SPLIT_BASE, WORDS, Obj, Scene,
                                  coco_caption_json, load_font, noisy_answers, object_mask, prismer_lists, vqa_jsons)
 
