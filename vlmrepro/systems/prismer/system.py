@@ -13,7 +13,7 @@ import torch
 
 from ...backbones import quiet_hf, roberta_decoder, vision_tower
 from ...core import VlmreproError, cache_dir, read_json
-from ...data.readers import read_answer_list, read_prismer
+from ...data.readers import PRISMER_EXPERTS, read_answer_list, read_prismer   # PRISMER_EXPERTS: the paper notebook reads it here
 from ...metrics.caption import evaluate_captions
 from ...metrics.vqa import evaluate_vqa
 from .experts import (BACKENDS, TextFeatures, build_expert, label_dataset, list_images, parse_experts, parse_pairs)
