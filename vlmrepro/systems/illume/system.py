@@ -20,13 +20,15 @@ from .convert import load_clip_grid
 from .loop import (CsvCritic, LoopSettings, MetricCritic, SplitData, evaluate_split, illume_loss,
                                           illume_optimizer, learning_rate, no_image_answers, rouge_l, split_features)
 from .magma import Magma, build_magma, load_magma_weights, trainable
-from .world import SceneCritic, consistency_scores, illume_world, read_scenes, reference_wordings
-from .zoo import MAGMA_FILES, load_attribute_grid
+from .world import (SceneCritic, answer_from_objects, consistency_scores, illume_world, question_kind,
+                                           read_scenes, reference_wordings)
+from .zoo import MAGMA_FILES, AttributeGrid, grid_objects, load_attribute_grid
 from ...train import TrainConfig
 
 # %% auto #0
 __all__ = ['NOTEBOOK_ONLY', 'CRITICS', 'loss', 'Config', 'magma_dir', 'load_grid', 'pretrained', 'build', 'optimizer',
-           'make_critic', 'data_files', 'Data', 'data', 'scene_scorer', 'evaluate', 'no_image_accuracy']
+           'make_critic', 'data_files', 'Data', 'data', 'scene_scorer', 'evaluate', 'no_image_accuracy',
+           'accuracy_by_kind', 'grid_rule_answers']
 
 # %% ../../../nbs/79_illume_system.ipynb #f887fff9
 @dataclass
@@ -161,3 +163,16 @@ def no_image_accuracy(train: SplitData, val: SplitData) -> float:
     "VQA accuracy (x100) on `val` of the best answers without the image (`loop.no_image_answers`)."
     answers = no_image_answers([(s.question, s.answer) for s in train.samples], [s.question for s in val.samples])
     return 100 * sum(vqa_accuracy(a, s.answers) for a, s in zip(answers, val.samples)) / len(val.samples)
+
+# %% ../../../nbs/79_illume_system.ipynb #a8c78815
+def accuracy_by_kind(answers: list[str], samples) -> dict[str, float]:
+    "VQA accuracy (x100) of `answers` per question kind of ILLUME's world ('other' for any other question), and over 'all'."
+    rows = {}
+    for a, s in zip(answers, samples, strict=True): rows.setdefault(question_kind(s.question) or "other", []).append(vqa_accuracy(a, s.answers))
+    rows["all"] = [x for v in rows.values() for x in v]
+    return {k: 100 * sum(v) / len(v) for k, v in rows.items()}
+
+def grid_rule_answers(data: SplitData, encoder) -> list[str] | None:
+    "Each question answered by rule from the objects the attribute grid shows of its image; None for any other encoder."
+    if not isinstance(encoder, AttributeGrid): return None
+    return [answer_from_objects(s.question, grid_objects(data.features[data.row(s)])) or "" for s in data.samples]

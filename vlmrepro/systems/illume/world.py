@@ -16,10 +16,11 @@ from ...data.synth import (COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SPLIT_BASE, 
 from .magma import ANSWER_PROMPT
 
 # %% auto #0
-__all__ = ['N_CONNECTIVE', 'KINDS', 'WORLD_VERSION', 'ATTRIBUTES', 'article', 'join_and', 'named', 'located', 'listed', 'layout',
-           'captions', 'questions', 'world_scene', 'scene_objects', 'scene_text', 'vocabulary', 'scenes_json',
-           'write_world', 'illume_world', 'read_scenes', 'mentioned', 'parse_claims', 'grounded', 'judge_explanation',
-           'consistency_scores', 'wording', 'reference_wordings', 'SceneCritic']
+__all__ = ['N_CONNECTIVE', 'KINDS', 'WORLD_VERSION', 'ATTRIBUTES', 'QUESTION_PATTERNS', 'article', 'join_and', 'named', 'located',
+           'listed', 'layout', 'captions', 'questions', 'world_scene', 'scene_objects', 'scene_text', 'vocabulary',
+           'scenes_json', 'write_world', 'illume_world', 'read_scenes', 'mentioned', 'parse_claims', 'grounded',
+           'judge_explanation', 'consistency_scores', 'wording', 'reference_wordings', 'SceneCritic', 'question_kind',
+           'answer_from_objects']
 
 # %% ../../../nbs/72_illume_world.ipynb #0719887b
 def article(word: str) -> str: return "an" if word[0] in "aeiou" else "a"
@@ -240,3 +241,22 @@ class SceneCritic:
 
     def scores(self, rows: list[dict]) -> list[list[float]]:
         return [[float(self.accepts(x["text"], r)) for x in r["samples"]] for r in rows]
+
+# %% ../../../nbs/72_illume_world.ipynb #9694089a
+QUESTION_PATTERNS = {"color": re.compile(r"^what colou?r is the (\w+)\?$"), "shape": re.compile(r"^what shape is in the (\w+ \w+)\?$"),
+                     "count": re.compile(r"^how many shapes are there\?$"), "exists": re.compile(r"^is there an? (\w+) (\w+)\?$")}
+
+def question_kind(question: str) -> str | None:
+    "Which of the world's question kinds `question` is ('color', 'shape', 'count', 'exists'); None for any other question."
+    q = " ".join(question.lower().split())
+    return next((k for k, p in QUESTION_PATTERNS.items() if p.match(q)), None)
+
+def answer_from_objects(question: str, objects: list[dict]) -> str | None:
+    "The answer `objects` give to one of the world's questions ('none' when no object fits); None for another question."
+    q = " ".join(question.lower().split())
+    if (kind := question_kind(q)) is None: return None
+    m = QUESTION_PATTERNS[kind].match(q)
+    if kind == "count": return str(len(objects))
+    if kind == "exists": return "yes" if any(o["color"] == m[1] and o["shape"] == m[2] for o in objects) else "no"
+    key, give = ("shape", "color") if kind == "color" else ("position", "shape")
+    return next((o[give] for o in objects if o[key] == m[1]), "none")

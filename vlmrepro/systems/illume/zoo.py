@@ -22,13 +22,13 @@ from ...metrics.vqa import vqa_accuracy
 from .loop import no_image_answers
 from .magma import (ANSWER_PROMPT, MagmaCollator, answer_segments, build_magma, encode_images, generate,
                                            magma_loss, trainable)
-from .world import scene_text, world_scene
+from .world import scene_objects, scene_text, world_scene
 from ...zoo import register
 from ...zoo_recipes import pixels, pretrain, train_text_lm
 
 # %% auto #0
 __all__ = ['WORLD', 'GROUPS', 'MAGMA_FILES', 'illume_scenes', 'AttributeGrid', 'save_attribute_grid', 'load_attribute_grid',
-           'quadrant_labels', 'train_illume_grid', 'train_illume_gptj', 'magma_spec', 'pretrain_items',
+           'quadrant_labels', 'train_illume_grid', 'grid_objects', 'train_illume_gptj', 'magma_spec', 'pretrain_items',
            'train_illume_magma']
 
 # %% ../../../nbs/74_illume_zoo.ipynb #34d3610b
@@ -104,6 +104,14 @@ def train_illume_grid(out: Path, p: dict) -> dict:
     metrics["val_empty_acc"] = (pred["color"] == yv["color"])[~occupied].float().mean().item()
     save_attribute_grid(model, proc, out)
     return metrics | {"final_loss": final}
+
+# %% ../../../nbs/74_illume_zoo.ipynb #720dbc42
+def grid_objects(cells: torch.Tensor, groups: dict = GROUPS) -> list[dict]:
+    "The objects an attribute grid's cells (cells x channels, in `POSITIONS` order) show: each cell's most probable colour and shape."
+    parts = dict(zip(groups, cells.split(list(groups.values()), dim=-1)))
+    colors, shapes = parts["color"].argmax(-1).tolist(), parts["shape"].argmax(-1).tolist()
+    return [{"shape": SHAPES[s], "color": list(COLORS)[c], "position": POSITIONS[k]}
+            for k, (c, s) in enumerate(zip(colors, shapes)) if c < len(COLORS) and s < len(SHAPES)]
 
 # %% ../../../nbs/74_illume_zoo.ipynb #db96b6e3
 @register("illume-gptj", "causal-lm", "GPT-J-architecture LM on ILLUME's world: captions and Q/A lines, no explanation",
