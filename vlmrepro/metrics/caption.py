@@ -466,26 +466,26 @@ def encode_tokens(token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray,
 
 _LINE_BREAK = "\x00"                                          # not whitespace for str.split, unlike \x1c-\x1f
 
-def _word_ids(lines: list[str], lower: bool = False) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    "(id of every whitespace-separated word, its line, {word: id}), or None if a line holds the break marker."
+def _word_ids(lines: list[str], lower: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    "(id of every whitespace-separated word, its line, the words in id order), or None if a line holds the break marker."
     text = f" {_LINE_BREAK} ".join(lines)
     if text.count(_LINE_BREAK) != max(len(lines) - 1, 0): return None
     if lower: text = text.lower()
     words = text.split()
-    ids = dict.fromkeys(words); ids.pop(_LINE_BREAK, None)
-    for k, w in enumerate(ids): ids[w] = k
-    ids[_LINE_BREAK] = -1
-    occ = np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
-    brk = occ < 0
-    del ids[_LINE_BREAK]
-    return occ[~brk], np.cumsum(brk)[~brk], ids
+    first = {_LINE_BREAK: -1}                                       # word -> where it first occurs: one pass in C
+    at = np.fromiter(map(first.setdefault, words, range(len(words))), dtype=np.int64, count=len(words))
+    del first[_LINE_BREAK]
+    brk = at < 0
+    rank = np.zeros(len(words), dtype=np.int64)
+    rank[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = np.arange(len(first))
+    return rank[at[~brk]], np.cumsum(brk)[~brk], list(first)
 
 def encode_token_strings(lines: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     "`encode_tokens` for sentences given as strings of space-separated tokens."
     got = _word_ids(lines)
     if got is None: return encode_tokens([s.split() for s in lines])
-    occ, line, ids = got
-    return occ, np.bincount(line, minlength=len(lines)).astype(np.int64), len(ids)
+    occ, line, words = got
+    return occ, np.bincount(line, minlength=len(lines)).astype(np.int64), len(words)
 
 # %% ../../nbs/20_metrics_caption.ipynb #3f4be0c2
 class CaptionSet:
@@ -507,24 +507,26 @@ class CaptionSet:
 
 # %% ../../nbs/20_metrics_caption.ipynb #51863f46
 def _sorted_grams(code: np.ndarray, at: np.ndarray, T: int, V: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    "`code` and `at` sorted by code, then position: one radix pass for unigrams, else one sort of packed int64 keys."
+    "`code` and `at` sorted by code, then position (`at` comes grouped by (n-1)-gram, in position order within each group)."
     if n == 1 and V <= 1 << 16:
         o = np.argsort(code.astype(np.uint16), kind="stable"); return code[o], at[o]
     b = max(int(T).bit_length(), 1)
-    if len(code) and int(code.max()) < 1 << (62 - b):
-        key = np.sort((code << b) | at); return key >> b, key & ((1 << b) - 1)
+    if len(code) and int(code.max()) < 1 << (62 - b):                # timsort (numpy's stable sort) uses the grouping
+        key = np.sort((code << b) | at, kind="stable"); return key >> b, key & ((1 << b) - 1)
     o = np.argsort(code, kind="stable"); return code[o], at[o]
 
 def gram_runs(cs: CaptionSet, n: int, prev: dict | None) -> dict | None:
     "Every n-gram occurrence grouped by gram, then sentence: runs (one gram in one sentence) and blocks (in one image)."
-    at = np.flatnonzero(cs.left >= n)                                # where an n-gram starts
-    if not len(at): return None
-    lone = np.zeros(0, np.int64)
-    if n == 1: code, at = _sorted_grams(cs.tok[at], at, cs.T, cs.V, 1)
-    else:                                                             # an n-gram holding an (n-1)-gram that occurs once is unique
-        p = prev["ids"][at]; once = (prev["count"][p] == 1) | (prev["count"][prev["ids"][at + 1]] == 1)
-        lone, at = at[once], at[~once]
-        code, at = _sorted_grams(p[~once] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
+    if cs.lens.max(initial=0) < n: return None
+    if n == 1:
+        lone = np.zeros(0, np.int64)
+        code, at = _sorted_grams(cs.tok, np.arange(cs.T), cs.T, cs.V, 1)
+    else:                       # where an n-gram starts, in the (n-1)-grams' order; one holding an (n-1)-gram that occurs once is unique
+        at = prev["at"][cs.left[prev["at"]] >= n]
+        once = prev["count"][prev["ids"][at + 1]] == 1
+        lone = np.concatenate([prev["lone"][cs.left[prev["lone"]] >= n], at[once]])
+        at = at[~once]
+        code, at = _sorted_grams(prev["ids"][at] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
     new_gram = np.r_[True, code[1:] != code[:-1]] if len(code) else np.zeros(0, bool)
     gram = np.cumsum(new_gram) - 1
     G = int(gram[-1]) + 1 if len(gram) else 0
@@ -551,19 +553,19 @@ def clipped_counts(cs: CaptionSet, r: dict) -> np.ndarray:
     h = np.flatnonzero(r["hyp"])
     return np.bincount(r["img"][h], np.minimum(r["tf"][h], ref_max[r["block"][h]]), minlength=cs.N).astype(np.int64)
 
-def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4):
+def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4, per_image=True):
     guess = np.maximum(0, hyp_lens[:, None] - np.arange(n)[None, :])
     BIG = 1 << 32
     dist = np.abs(ref_lens - hyp_lens[ref_img]) * BIG + ref_lens
     cut = np.flatnonzero(np.r_[True, ref_img[1:] != ref_img[:-1]])
     reflen = np.minimum.reduceat(dist, cut) % BIG
     small, tiny = 1e-9, 1e-15
-    per, bleu = [], np.ones(N)
-    for j in range(n):
+    per, bleu = [None] * n, np.ones(N)
+    for j in range(n if per_image else 0):                           # Python's scalar ** and exp, as pycocoevalcap's
         bleu = bleu * ((correct[:, j].astype(np.float64) + tiny) / (guess[:, j].astype(np.float64) + small))
-        per.append([b ** (1. / (j + 1)) for b in bleu.tolist()])
+        per[j] = [b ** (1. / (j + 1)) for b in bleu.tolist()]
     ratio = (hyp_lens + tiny) / (reflen + small)
-    for i in np.flatnonzero(ratio < 1).tolist():
+    for i in np.flatnonzero(ratio < 1).tolist() if per_image else ():
         pen = math.exp(1 - 1 / float(ratio[i]))
         for j in range(n): per[j][i] *= pen
     tot_test, tot_ref = int(hyp_lens.sum()), int(reflen.sum())
@@ -594,11 +596,12 @@ def cider_terms(cs: CaptionSet, r: dict) -> tuple[np.ndarray, np.ndarray]:
     once = 1.0 * idf[r["G"]]
     sq = np.zeros(cs.T); sq[r["first"]] = w * w; sq[r["lone"]] = once * once
     norm2 = np.bincount(cs.sent, sq, minlength=cs.S)
-    ref = np.flatnonzero(~r["hyp"] & has_hyp[r["block"]])
-    h = last[r["block"][ref]]
+    blocks = np.flatnonzero(has_hyp & (last > bs))                    # the hypothesis' grams that a reference has too,
+    blocks = blocks[np.argsort(r["first"][last[blocks]])]             # in the hypothesis' order
+    pair, j = _ragged(last[blocks] - bs[blocks])                      # each with each of its reference runs
+    h, ref = last[blocks][pair], bs[blocks][pair] + j
     term = np.minimum(w[h], w[ref]) * w[ref]
-    o = np.argsort(r["s"][ref] * cs.T + r["first"][h])
-    dot = np.bincount(cs.ref_row[r["s"][ref][o]], term[o], minlength=cs.R)
+    dot = np.bincount(cs.ref_row[r["s"][ref]], term, minlength=cs.R)
     return norm2, dot
 
 def _cider(cs: CaptionSet, norm2: np.ndarray, dot: np.ndarray, n=4, sigma=6.0):
@@ -684,12 +687,13 @@ def _rouge(cs: CaptionSet, lcs: np.ndarray, beta=1.2):
     return np.mean(scores), scores
 
 # %% ../../nbs/20_metrics_caption.ipynb #013b342c
-def caption_scores(refs: list[list[str]], hyps: list[str]) -> dict:
-    "BLEU-1..4, ROUGE-L and CIDEr-D (corpus value, per-image array) of tokenized hypotheses vs tokenized references."
+def caption_scores(refs: list[list[str]], hyps: list[str], per_image: bool = True) -> dict:
+    "BLEU-1..4, ROUGE-L and CIDEr-D (corpus value, per-image array; BLEU's None unless `per_image`) of tokenized hypotheses vs references."
     if any(len(r) == 0 for r in refs): raise VlmreproError("every image needs at least one reference caption")
-    return _scores_from_encoded([len(r) for r in refs], *encode_token_strings([s for r in refs for s in r] + list(hyps)))
+    return _scores_from_encoded([len(r) for r in refs], *encode_token_strings([s for r in refs for s in r] + list(hyps)),
+                                per_image=per_image)
 
-def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4) -> dict:
+def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4, per_image: bool = True) -> dict:
     if len(n_refs) == 0: raise VlmreproError("no captions to score")
     cs = CaptionSet(n_refs, flat, lens, V)
     correct = np.zeros((cs.N, n), dtype=np.int64); norm2 = np.zeros((cs.S, n)); dot = np.zeros((cs.R, n))
@@ -701,10 +705,10 @@ def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, 
         correct[:, k - 1] = clipped_counts(cs, r)
         norm2[:, k - 1], dot[:, k - 1] = cider_terms(cs, r)
         prev = r
-    bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n)
+    bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n, per_image)
     cider, cider_per = _cider(cs, norm2, dot, n)
     rouge, rouge_per = _rouge(cs, lcs_lengths(cs, r1))
-    out = {f"Bleu_{j + 1}": (bleus[j], np.array(bleu_per[j])) for j in range(n)}
+    out = {f"Bleu_{j + 1}": (bleus[j], None if bleu_per[j] is None else np.array(bleu_per[j])) for j in range(n)}
     out["ROUGE_L"] = (rouge, rouge_per); out["CIDEr"] = (cider, cider_per)
     return out
 
@@ -745,15 +749,20 @@ def fast_tokenize(sentence: str) -> str:
     return fast_tokenize_all([sentence])[0]
 
 def fast_encode(sentences: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    "The fast tokenizer's tokens of every sentence as ids (`encode_tokens`), normalising each distinct word once."
+    "The fast tokenizer's tokens of every sentence as ids below V (`encode_tokens`'s layout), normalising each distinct word once."
     got = _word_ids(sentences, lower=True)
     if got is None: return encode_tokens(fast_token_lists(sentences))
     occ, line, words = got
-    tok, word, vocab = _word_ids(fast_normalized_text(list(words)).split("\n"))   # each distinct word's tokens: 0, 1, more
-    counts = np.bincount(word, minlength=len(words))
+    odd = [k for k, w in enumerate(words) if not w.isalnum()]       # a word of letters and digits is its own token
+    toks = fast_token_lists([words[k] for k in odd])                # the others': 0, 1 or more tokens
+    vocab = dict(zip(words, range(len(words))))
+    counts = np.ones(len(words), dtype=np.int64); counts[odd] = [len(t) for t in toks]
+    table = np.repeat(np.arange(len(words)), counts)                 # every word's token ids, word after word
+    seg, k = _ragged(counts[odd])
+    table[_offsets(counts)[odd][seg] + k] = [vocab.setdefault(t, len(vocab)) for ts in toks for t in ts]
     n = counts[occ]
     seg, k = _ragged(n)
-    flat = tok[_offsets(counts)[occ][seg] + k]
+    flat = table[_offsets(counts)[occ][seg] + k]
     return flat, np.bincount(line, weights=n, minlength=len(sentences)).astype(np.int64), len(vocab)
 
 # %% ../../nbs/20_metrics_caption.ipynb #3c54c398
@@ -776,7 +785,8 @@ def evaluate_captions(references, predictions, fast: bool = False, spice: bool =
             try: box["meteor"] = meteor_score(refs, hyps)
             except BaseException as e: box["error"] = e
         meteor = threading.Thread(target=run_meteor, daemon=True); meteor.start()
-    scores = _scores_from_encoded([len(r) for r in raw_refs], *encoded) if fast else caption_scores(refs, hyps)
+    scores = (_scores_from_encoded([len(r) for r in raw_refs], *encoded, per_image=per_image) if fast
+              else caption_scores(refs, hyps, per_image=per_image))
     out = {m: float(v[0]) for m, v in scores.items()}
     per = {m: v[1] for m, v in scores.items()}
     if meteor is not None:
