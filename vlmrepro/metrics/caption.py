@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_metrics_caption.ipynb #67941f19
 from __future__ import annotations
-import gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading
+import errno, gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,12 @@ from ..core import VlmreproError, cache_dir, read_json
 # %% auto #0
 __all__ = ['CAPTION_PATHS', 'OFFICIAL_METRICS', 'FAST_METRICS', 'JAVA_UTF8', 'JAVA_QUICK', 'PTB_PUNCTUATIONS', 'MAX_PHRASE',
            'WORD', 'canonical_image_id', 'load_references', 'load_predictions', 'align_captions', 'pycocoevalcap_dir',
-           'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'paraphrase_index', 'meteor_token_ids',
-           'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'meteor_score', 'spice_status',
-           'spice_score', 'encode_tokens', 'encode_token_strings', 'CaptionSet', 'gram_runs', 'clipped_counts',
-           'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores', 'fast_normalized_text', 'fast_token_lists',
-           'fast_tokenize_all', 'fast_tokenize', 'fast_encode', 'evaluate_captions', 'coco_eval_cap_reference']
+           'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'meteor_normalize_all', 'paraphrase_index',
+           'meteor_token_ids', 'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'MeteorRun',
+           'meteor_score', 'spice_status', 'spice_score', 'encode_tokens', 'encode_token_strings', 'CaptionSet',
+           'gram_runs', 'clipped_counts', 'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores',
+           'fast_normalized_text', 'fast_token_lists', 'fast_tokenize_all', 'fast_tokenize', 'fast_encode',
+           'evaluate_captions', 'coco_eval_cap_reference']
 
 # %% ../../nbs/20_metrics_caption.ipynb #2c6c228e
 CAPTION_PATHS = ("official", "fast")
@@ -242,18 +243,40 @@ def _final_periods(tokens: list[str]) -> list[str]:
         out.append(t)
     return out
 
-def meteor_normalize(line: str) -> str:
-    "METEOR 1.5's `-norm` of one English line (Normalizer.normalizeLine keeping punctuation, then lower case)."
-    s = _M_SEPARATE.sub(r" \1 ", f" {line} ")
+def _m_rules(s: str) -> str:
+    "The jar's substitutions before it splits tokens, on text padded with spaces (a rule whose character is absent is skipped)."
+    s = _M_SEPARATE.sub(r" \1 ", s)
     s = _M_MULTI_DOT.sub(r" DOTMULTI\1", s)
     while "DOTMULTI." in s: s = _M_MULTI_DOT2.sub(r"DOTDOTMULTI \1", s).replace("DOTMULTI.", "DOTDOTMULTI")
-    for p in _M_COMMAS: s = p.sub(r"\1 , \2", s)
-    s = _M_QUOTE2.sub(' " ', _M_QUOTE.sub("'", s)).replace("\u2013", "-").replace("--", "-")
-    s = _M_DASH.sub(r"\1 \2", s)
-    for p, rep in _M_CONTRACTIONS: s = p.sub(rep, s)
-    s = " ".join(_final_periods([t for t in _M_TOKENS.split(s) if t])) + " "
+    if "," in s:
+        for p in _M_COMMAS: s = p.sub(r"\1 , \2", s)
+    if "`" in s or "\u2018" in s or "\u2019" in s: s = _M_QUOTE.sub("'", s)
+    if "\u201c" in s or "\u201d" in s or "''" in s: s = _M_QUOTE2.sub(' " ', s)
+    s = s.replace("\u2013", "-").replace("--", "-")
+    if "-" in s: s = _M_DASH.sub(r"\1 \2", s)
+    if "'" in s:
+        for p, rep in _M_CONTRACTIONS: s = p.sub(rep, s)
+    return s
+
+def _m_finish(s: str) -> str:
     while "DOTDOTMULTI" in s: s = s.replace("DOTDOTMULTI", "DOTMULTI.")
-    return _M_WHITE.sub(" ", s.replace("DOTMULTI", ".")).strip(_JAVA_TRIM).lower()
+    return _M_WHITE.sub(" ", s.replace("DOTMULTI", "."))
+
+def meteor_normalize(line: str) -> str:
+    "METEOR 1.5's `-norm` of one English line (Normalizer.normalizeLine keeping punctuation, then lower case)."
+    s = " ".join(_final_periods([t for t in _M_TOKENS.split(_m_rules(f" {line} ")) if t])) + " "
+    return _m_finish(s).strip(_JAVA_TRIM).lower()
+
+_M_SPACES = re.compile("[ \t\r\f]+")                                  # _M_TOKENS but the line break
+
+def meteor_normalize_all(lines: list[str]) -> list[str]:
+    "`meteor_normalize` of every line, each rule run once over all of them (`_final_periods` line by line, where a '.' is)."
+    text = " " + " \n ".join(lines) + " "                            # padded: no rule reaches from one line into the next
+    if not lines or text.count("\n") != len(lines) - 1: return [meteor_normalize(s) for s in lines]
+    parts = _m_rules(text).split("\n")
+    for k, p in enumerate(parts):
+        if "." in p: parts[k] = " ".join(_final_periods([t for t in _M_TOKENS.split(p) if t])) + " "
+    return [p.strip(_JAVA_TRIM) for p in _m_finish(_M_SPACES.sub(" ", "\n".join(parts))).lower().split("\n")]
 
 # %% ../../nbs/20_metrics_caption.ipynb #01c13259
 _PARA_FILES = ("text", "offsets", "prefix_hash", "prefix_phrase", "entry_b", "group_start", "group_phrase", "word_count")
@@ -346,7 +369,8 @@ def _ragged(counts) -> tuple[np.ndarray, np.ndarray]:
 
 def meteor_token_ids(lines: list[str], vocab: dict) -> np.ndarray:
     "Every line's METEOR tokens as ids in `vocab` (-1: not in it), lines separated by -2."
-    norm = [s if _PLAIN_LINE.fullmatch(s) else meteor_normalize(s) for s in lines]
+    norm, odd = list(lines), [k for k, s in enumerate(lines) if not _PLAIN_LINE.fullmatch(s)]
+    for k, s in zip(odd, meteor_normalize_all([lines[k] for k in odd])): norm[k] = s
     words = " \n ".join(norm).split(" ")
     ids = dict.fromkeys(words)
     for w in ids: ids[w] = vocab.get(w, -1)
@@ -397,8 +421,8 @@ def entries_within_images(phrase: np.ndarray, image: np.ndarray, n_images: int, 
     keep = np.zeros(len(e), dtype=bool); keep[cand[found]] = True
     return e[keep]
 
-def _write_entries(entries: np.ndarray, idx: dict, path: str | os.PathLike) -> int:
-    "Write table `entries` (sorted), byte for byte, to the gzip file `path`; return how many."
+def _write_entries(entries: np.ndarray, idx: dict, path) -> int:
+    "Write table `entries` (sorted), byte for byte, to the gzip file `path` (or binary file object); return how many."
     off, text = idx["offsets"], idx["text"]
     if len(entries):
         cut = np.flatnonzero(np.r_[True, entries[1:] != entries[:-1] + 1])    # runs of consecutive entries
@@ -408,8 +432,8 @@ def _write_entries(entries: np.ndarray, idx: dict, path: str | os.PathLike) -> i
         for a, b in zip(np.asarray(off[first]).tolist(), np.asarray(off[last + 1]).tolist()): f.write(text[a:b])
     return len(entries)
 
-def paraphrase_subset(refs: list[list[str]], hyps: list[str], path: str | os.PathLike) -> int:
-    "Write the paraphrase entries that can fire for these tokenized captions to gzip `path`; return how many."
+def paraphrase_subset(refs: list[list[str]], hyps: list[str], path) -> int:
+    "Write the paraphrase entries that can fire for these tokenized captions to gzip `path` (or binary file object); return how many."
     idx = paraphrase_index()
     fields = [_meteor_fields(r, h) for r, h in zip(refs, hyps)]
     image = np.repeat(np.arange(len(fields)), [len(f) for f in fields])
@@ -417,16 +441,62 @@ def paraphrase_subset(refs: list[list[str]], hyps: list[str], path: str | os.Pat
     return _write_entries(entries_within_images(phrase, image[line], len(fields), idx), idx, path)
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
+class MeteorRun:
+    "METEOR on one caption set, its JVM started before the captions are ready: `send` them, then wait for `result`."
+    def __init__(self, full_table: bool = False):
+        self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-para-")
+        self.table = None if full_table else Path(self.tmp.name)/"paraphrase-subset.gz"
+        self.fifo = self.table is not None and hasattr(os, "mkfifo")  # the JVM loads all else, then waits to read the table
+        self.jar = self.thread = None
+        try:
+            if self.fifo: os.mkfifo(self.table)
+            if self.fifo or full_table: self.jar = MeteorJar(self.table)
+        except BaseException: self.close(); raise
+
+    def _table_writer(self):
+        "The FIFO opened for writing, once the JVM has opened it to read (it is reading its other resources until then)."
+        while True:
+            try: fd = os.open(self.table, os.O_WRONLY | os.O_NONBLOCK); break
+            except OSError as e:
+                if e.errno != errno.ENXIO: raise
+            if self.jar.proc.poll() is not None: self.jar._fail("starting")
+            time.sleep(0.005)
+        os.set_blocking(fd, True)
+        return open(fd, "wb")
+
+    def send(self, refs: list[list[str]], hyps: list[str]):
+        "Hand the JVM the paraphrase entries these tokenized captions can fire, then score them in a thread."
+        if self.fifo:
+            try:
+                with self._table_writer() as f: paraphrase_subset(refs, hyps, f)
+            except BrokenPipeError: self.jar._fail("reading its paraphrase table")
+        elif self.table is not None: paraphrase_subset(refs, hyps, self.table); self.jar = MeteorJar(self.table)
+        self.box = {}
+        def run():
+            try: self.box["out"] = self.jar.score(refs, hyps)
+            except BaseException as e: self.box["error"] = e
+        self.thread = threading.Thread(target=run, daemon=True); self.thread.start()
+
+    def result(self) -> tuple[float, list[float]]:
+        "(corpus, per-image) METEOR 1.5."
+        self.thread.join()
+        if "error" in self.box: raise self.box["error"]
+        return self.box["out"]
+
+    def close(self):
+        if self.jar is not None:
+            if self.thread is None: self.jar.proc.kill()                  # still waiting for its table
+            self.jar.close()
+        self.tmp.cleanup()
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 def meteor_score(refs: list[list[str]], hyps: list[str], full_table: bool = False) -> tuple[float, list[float]]:
     "(corpus, per-image) METEOR 1.5 of tokenized hypotheses against tokenized references."
-    with tempfile.TemporaryDirectory(prefix="vlmrepro-para-") as d:
-        table = None
-        if not full_table:
-            table = Path(d)/"paraphrase-subset.gz"
-            paraphrase_subset(refs, hyps, table)
-        jar = MeteorJar(table)
-        try: return jar.score(refs, hyps)
-        finally: jar.close()
+    with MeteorRun(full_table) as run:
+        run.send(refs, hyps)
+        return run.result()
 
 # %% ../../nbs/20_metrics_caption.ipynb #7f21ed93
 def spice_status() -> tuple[bool, str]:
@@ -773,27 +843,16 @@ def evaluate_captions(references, predictions, fast: bool = False, spice: bool =
     preds = load_predictions(predictions)
     ids = align_captions(refs_all, preds, subset=subset)
     raw_refs, raw_hyps = [refs_all[i] for i in ids], [preds[i] for i in ids]
-    if fast:
-        encoded = fast_encode([c for rs in raw_refs for c in rs] + raw_hyps)
-        meteor = None
+    flat = [c for rs in raw_refs for c in rs] + raw_hyps
+    if fast: scores = _scores_from_encoded([len(r) for r in raw_refs], *fast_encode(flat), per_image=per_image)
     else:
-        flat = [c for rs in raw_refs for c in rs] + raw_hyps
-        toks = ptb_tokenize(flat)
-        it = iter(toks); refs = [[next(it) for _ in rs] for rs in raw_refs]; hyps = list(it)
-        box = {}
-        def run_meteor():
-            try: box["meteor"] = meteor_score(refs, hyps)
-            except BaseException as e: box["error"] = e
-        meteor = threading.Thread(target=run_meteor, daemon=True); meteor.start()
-    scores = (_scores_from_encoded([len(r) for r in raw_refs], *encoded, per_image=per_image) if fast
-              else caption_scores(refs, hyps, per_image=per_image))
-    out = {m: float(v[0]) for m, v in scores.items()}
+        with MeteorRun() as meteor:                                   # its JVM starts while PTB tokenizes
+            it = iter(ptb_tokenize(flat)); refs = [[next(it) for _ in rs] for rs in raw_refs]; hyps = list(it)
+            meteor.send(refs, hyps)
+            scores = caption_scores(refs, hyps, per_image=per_image)   # here, while METEOR scores on the other core
+            scores["METEOR"] = meteor.result()
+    out = {m: float(scores[m][0]) for m in OFFICIAL_METRICS if m in scores}
     per = {m: v[1] for m, v in scores.items()}
-    if meteor is not None:
-        meteor.join()
-        if "error" in box: raise box["error"]
-        out["METEOR"], per["METEOR"] = box["meteor"][0], box["meteor"][1]
-    out = {m: out[m] for m in OFFICIAL_METRICS if m in out}
     if spice:
         ok, why = spice_status()
         if fast or not ok: out["SPICE"] = None; out["SPICE_unavailable"] = "SPICE runs only on the official path" if fast else why
