@@ -219,6 +219,15 @@ def test_meteor_normalize_matches_the_jar(tmp_path):
     assert meteor_normalize_all(lines) == jar                         # all lines at once, as the paraphrase cut runs it
 
 
+
+@needs_java
+def test_meteor_corpus_score_without_per_image_is_the_same():
+    "Without per-image scores the jar gets the statistics already added up: the same corpus METEOR, perfect matches too."
+    refs = {i: [f"A dog {w} on the grass.", "a dog runs"] for i, w in enumerate(["runs", "sits", "jumps", "sleeps", "naps"])}
+    preds = {0: "a dog runs", 1: "A dog sits on the grass.", 2: "a cat", 3: "grass the on sleeps dog a", 4: "dogs nap on grass"}
+    per = evaluate_captions(refs, preds, per_image=True)
+    assert evaluate_captions(refs, preds)["METEOR"] == per["METEOR"] and per["per_image"]["0"]["METEOR"] > 0.9
+
 @needs_java
 @pytest.mark.slow
 def test_paraphrase_cut_scores_like_the_full_table():

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_metrics_caption.ipynb #67941f19
 from __future__ import annotations
-import errno, gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading, time
+import errno, gzip, io, importlib.util, math, os, re, shutil, subprocess, tempfile, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +161,16 @@ def _meteor_fields(refs: list[str], hyp: str) -> list[str]:
 def _meteor_line(refs: list[str], hyp: str) -> str:
     return " ||| ".join(["SCORE", *_meteor_fields(refs, hyp)])
 
+def _meteor_total(stats: list[str]) -> str | None:
+    "All segments' statistics as one, added up as the jar's `EVAL` does (`MeteorStats.addStats`); None unless all are counts."
+    rows = [[float(x) for x in s.split()] for s in stats]
+    if any(len(r) != 23 for r in rows) or not all(x.is_integer() for r in rows for x in r): return None
+    total = [sum(c) for c in zip(*rows)]                              # counts: exact sums, whatever the order
+    # lengths at 0 and 1, each stage's matches at 4..19, chunks at 20: the chunks of a segment whose words all matched in
+    # one chunk are left out
+    total[20] = sum(r[20] for r in rows if not (sum(r[4:20:2]) == r[0] and sum(r[5:20:2]) == r[1] and r[20] == 1))
+    return " ".join(f"{x:.1f}" for x in total)
+
 class MeteorJar:
     "A running METEOR 1.5 process (`-stdio -l en -norm`), optionally on another paraphrase table (`-a`)."
     def __init__(self, paraphrase: str | os.PathLike | None = None, memory: str = "2G"):
@@ -175,9 +185,9 @@ class MeteorJar:
         self.err.seek(0); msg = self.err.read().decode(errors="replace")[-800:]
         self.close(); raise VlmreproError(f"METEOR jar failed while {what}: {msg}")
 
-    def score(self, refs: list[list[str]], hyps: list[str]) -> tuple[float, list[float]]:
-        "(corpus METEOR, per-image METEOR) for tokenized references and hypotheses."
-        lines = [_meteor_line(r, h) for r, h in zip(refs, hyps)]
+    def statistics(self, lines: list[str]) -> list[str]:
+        "The jar's statistics for each `SCORE` line, streamed: a writer thread feeds them while this reads."
+        if not lines: return []
         def write():
             try: self.proc.stdin.write(("\n".join(lines) + "\n").encode("utf-8")); self.proc.stdin.flush()
             except (BrokenPipeError, OSError): pass
@@ -185,11 +195,20 @@ class MeteorJar:
         stats = [self.proc.stdout.readline().decode("utf-8").strip() for _ in lines]
         writer.join()
         if any(not s for s in stats): self._fail("computing statistics")
+        return stats
+
+    def evaluate(self, stats: list[str], per_segment: bool = True) -> tuple[float, list[float] | None]:
+        "(corpus METEOR, per-segment METEOR) of statistics lines, from this jar or another: they are plain numbers."
+        if not per_segment and (total := _meteor_total(stats)) is not None: return self.evaluate([total])[0], None
         self.proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8")); self.proc.stdin.flush()
         try:
-            scores = [float(self.proc.stdout.readline()) for _ in lines]
+            scores = [float(self.proc.stdout.readline()) for _ in stats]
             return float(self.proc.stdout.readline()), scores
         except ValueError: self._fail("scoring")
+
+    def score(self, refs: list[list[str]], hyps: list[str]) -> tuple[float, list[float]]:
+        "(corpus METEOR, per-image METEOR) for tokenized references and hypotheses."
+        return self.evaluate(self.statistics([_meteor_line(r, h) for r, h in zip(refs, hyps)]))
 
     def close(self):
         "Stop the JVM and remove its temp dir."
@@ -441,52 +460,63 @@ def paraphrase_subset(refs: list[list[str]], hyps: list[str], path) -> int:
     return _write_entries(entries_within_images(phrase, image[line], len(fields), idx), idx, path)
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
+def _cores() -> int:
+    "CPUs this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 class MeteorRun:
-    "METEOR on one caption set, its JVM started before the captions are ready: `send` them, then wait for `result`."
-    def __init__(self, full_table: bool = False):
+    "METEOR on one caption set, its JVMs started before the captions are ready: `send` them, then wait for `result`."
+    def __init__(self, full_table: bool = False, jvms: int | None = None):
         self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-para-")
-        self.table = None if full_table else Path(self.tmp.name)/"paraphrase-subset.gz"
-        self.fifo = self.table is not None and hasattr(os, "mkfifo")  # the JVM loads all else, then waits to read the table
-        self.jar = self.thread = None
+        n = jvms or max(1, min(4, _cores() // 2))                  # a core each, and one left for the Python side
+        self.tables = [None] * n if full_table else [Path(self.tmp.name)/f"paraphrase-subset-{k}.gz" for k in range(n)]
+        self.fifo = not full_table and hasattr(os, "mkfifo")       # a JVM loads all else, then waits to read its table
+        self.jars, self.threads = [], None
         try:
-            if self.fifo: os.mkfifo(self.table)
-            if self.fifo or full_table: self.jar = MeteorJar(self.table)
+            for t in self.tables:
+                if self.fifo: os.mkfifo(t)
+                if self.fifo or full_table: self.jars.append(MeteorJar(t))
         except BaseException: self.close(); raise
 
-    def _table_writer(self):
-        "The FIFO opened for writing, once the JVM has opened it to read (it is reading its other resources until then)."
+    def _write_table(self, jar: MeteorJar, path: Path, data: bytes):
+        "Write `data` into the FIFO `path` once `jar` has opened it to read (it reads its other resources until then)."
         while True:
-            try: fd = os.open(self.table, os.O_WRONLY | os.O_NONBLOCK); break
+            try: fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK); break
             except OSError as e:
                 if e.errno != errno.ENXIO: raise
-            if self.jar.proc.poll() is not None: self.jar._fail("starting")
+            if jar.proc.poll() is not None: jar._fail("starting")
             time.sleep(0.005)
         os.set_blocking(fd, True)
-        return open(fd, "wb")
+        try:
+            with open(fd, "wb") as f: f.write(data)
+        except BrokenPipeError: jar._fail("reading its paraphrase table")
 
     def send(self, refs: list[list[str]], hyps: list[str]):
-        "Hand the JVM the paraphrase entries these tokenized captions can fire, then score them in a thread."
-        if self.fifo:
-            try:
-                with self._table_writer() as f: paraphrase_subset(refs, hyps, f)
-            except BrokenPipeError: self.jar._fail("reading its paraphrase table")
-        elif self.table is not None: paraphrase_subset(refs, hyps, self.table); self.jar = MeteorJar(self.table)
+        "Hand the JVMs the paraphrase entries these tokenized captions can fire, then let each score its share of the images."
+        if self.tables[0] is not None:
+            table = io.BytesIO(); paraphrase_subset(refs, hyps, table)
+            for k, path in enumerate(self.tables):
+                if self.fifo: self._write_table(self.jars[k], path, table.getvalue())
+                else: path.write_bytes(table.getvalue()); self.jars.append(MeteorJar(path))
+        lines = [_meteor_line(r, h) for r, h in zip(refs, hyps)]
+        cut = [len(lines) * k // len(self.jars) for k in range(len(self.jars) + 1)]
         self.box = {}
-        def run():
-            try: self.box["out"] = self.jar.score(refs, hyps)
+        def stats(k):
+            try: self.box[k] = self.jars[k].statistics(lines[cut[k]:cut[k + 1]])
             except BaseException as e: self.box["error"] = e
-        self.thread = threading.Thread(target=run, daemon=True); self.thread.start()
+        self.threads = [threading.Thread(target=stats, args=(k,), daemon=True) for k in range(len(self.jars))]
+        for t in self.threads: t.start()
 
-    def result(self) -> tuple[float, list[float]]:
-        "(corpus, per-image) METEOR 1.5."
-        self.thread.join()
+    def result(self, per_image: bool = True) -> tuple[float, list[float] | None]:
+        "(corpus, per-image or None) METEOR 1.5: the `EVAL` of every image's statistics, whichever JVM computed them."
+        for t in self.threads: t.join()
         if "error" in self.box: raise self.box["error"]
-        return self.box["out"]
+        return self.jars[0].evaluate([s for k in range(len(self.jars)) for s in self.box[k]], per_image)
 
     def close(self):
-        if self.jar is not None:
-            if self.thread is None: self.jar.proc.kill()                  # still waiting for its table
-            self.jar.close()
+        for jar in self.jars:
+            if self.threads is None: jar.proc.kill()                     # still waiting for its table
+            jar.close()
         self.tmp.cleanup()
 
     def __enter__(self): return self
@@ -850,7 +880,7 @@ def evaluate_captions(references, predictions, fast: bool = False, spice: bool =
             it = iter(ptb_tokenize(flat)); refs = [[next(it) for _ in rs] for rs in raw_refs]; hyps = list(it)
             meteor.send(refs, hyps)
             scores = caption_scores(refs, hyps, per_image=per_image)   # here, while METEOR scores on the other core
-            scores["METEOR"] = meteor.result()
+            scores["METEOR"] = meteor.result(per_image)
     out = {m: float(scores[m][0]) for m in OFFICIAL_METRICS if m in scores}
     per = {m: v[1] for m, v in scores.items()}
     if spice:
