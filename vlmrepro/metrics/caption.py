@@ -56,8 +56,8 @@ def load_references(src, ignore_rejected: bool = True, ignore_precanned: bool = 
             if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
                 raise VlmreproError(f"references: annotation {k} needs 'image_id' and 'caption', got {a!r}")
             if (ignore_rejected and a.get("is_rejected")) or (ignore_precanned and a.get("is_precanned")): continue
-            i = canonical_image_id(a["image_id"])
-            refs.setdefault(i, []).append(_caption(a["caption"], f"references, image {i!r}"))
+            i, c = canonical_image_id(a["image_id"]), a["caption"]
+            refs.setdefault(i, []).append(c if type(c) is str else _caption(c, f"references, image {i!r}"))
     elif isinstance(obj, dict):
         for k, v in obj.items():
             i = canonical_image_id(k)
@@ -90,7 +90,7 @@ def load_predictions(src) -> dict:
     for k, c in items:
         i = canonical_image_id(k)
         if i in preds: raise VlmreproError(f"predictions: image {i!r} has more than one caption; keep one per image")
-        preds[i] = _caption(c, f"predictions, image {i!r}")
+        preds[i] = c if type(c) is str else _caption(c, f"predictions, image {i!r}")
     if not preds: raise VlmreproError("predictions are empty: nothing to evaluate")
     return preds
 
