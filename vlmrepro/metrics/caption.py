@@ -15,9 +15,9 @@ from ..core import VlmreproError, cache_dir, read_json
 __all__ = ['CAPTION_PATHS', 'OFFICIAL_METRICS', 'FAST_METRICS', 'JAVA_UTF8', 'JAVA_QUICK', 'PTB_PUNCTUATIONS', 'MAX_PHRASE',
            'WORD', 'canonical_image_id', 'load_references', 'load_predictions', 'align_captions', 'pycocoevalcap_dir',
            'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'meteor_normalize_all', 'paraphrase_index',
-           'meteor_token_ids', 'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'MeteorRun',
-           'meteor_score', 'spice_status', 'spice_score', 'encode_tokens', 'encode_token_strings', 'CaptionSet',
-           'gram_runs', 'clipped_counts', 'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores',
+           'meteor_token_ids', 'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'meteor_jvms',
+           'MeteorRun', 'meteor_score', 'spice_status', 'spice_score', 'encode_tokens', 'encode_token_strings',
+           'CaptionSet', 'gram_runs', 'clipped_counts', 'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores',
            'fast_normalized_text', 'fast_token_lists', 'fast_tokenize_all', 'fast_tokenize', 'fast_encode',
            'evaluate_captions', 'coco_eval_cap_reference']
 
@@ -460,15 +460,16 @@ def paraphrase_subset(refs: list[list[str]], hyps: list[str], path) -> int:
     return _write_entries(entries_within_images(phrase, image[line], len(fields), idx), idx, path)
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
-def _cores() -> int:
-    "CPUs this process may run on."
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def meteor_jvms() -> int:
+    "How many JVMs `MeteorRun` starts: one per two CPUs this process may use (a core each, and one for Python), at most 4."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
 
 class MeteorRun:
     "METEOR on one caption set, its JVMs started before the captions are ready: `send` them, then wait for `result`."
     def __init__(self, full_table: bool = False, jvms: int | None = None):
         self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-para-")
-        n = jvms or max(1, min(4, _cores() // 2))                  # a core each, and one left for the Python side
+        n = jvms or meteor_jvms()
         self.tables = [None] * n if full_table else [Path(self.tmp.name)/f"paraphrase-subset-{k}.gz" for k in range(n)]
         self.fifo = not full_table and hasattr(os, "mkfifo")       # a JVM loads all else, then waits to read its table
         self.jars, self.threads = [], None
