@@ -234,7 +234,7 @@ _M_CONTRACTIONS = [(re.compile(p), rep) for p, rep in (
     (f"([{_ALPHA}])'([^{_ALPHA}])", r"\1 ' \2"), (f"([{_ALPHA}])'([{_ALPHA}])", r"\1 '\2"), (r"([0-9])'(s)", r"\1 '\2"))]
 _M_LETTER = re.compile(f"[{_ALPHA}]")
 _M_TOKENS = re.compile("[ \t\n\r\f]+")                                  # java.util.StringTokenizer's delimiters
-_M_WHITE = re.compile("[ \u2000-\u200a\u202f\u205f\u3000\u00a0]+")
+_M_WHITE = re.compile("[ \u2000-\u200a\u202f\u205f\u3000\u00a0]{2,}|[\u2000-\u200a\u202f\u205f\u3000\u00a0]")   # a lone ' ' stays
 _JAVA_TRIM = "".join(map(chr, range(33)))                             # String.trim() drops every char <= ' '
 _NBP = {}
 
@@ -286,7 +286,7 @@ def meteor_normalize(line: str) -> str:
     s = " ".join(_final_periods([t for t in _M_TOKENS.split(_m_rules(f" {line} ")) if t])) + " "
     return _m_finish(s).strip(_JAVA_TRIM).lower()
 
-_M_SPACES = re.compile("[ \t\r\f]+")                                  # _M_TOKENS but the line break
+_M_SPACES = re.compile("[ \t\r\f]{2,}|[\t\r\f]")                      # runs of _M_TOKENS but the line break, to one ' '
 
 def meteor_normalize_all(lines: list[str]) -> list[str]:
     "`meteor_normalize` of every line, each rule run once over all of them (`_final_periods` line by line, where a '.' is)."
@@ -428,7 +428,8 @@ def entries_within_images(phrase: np.ndarray, image: np.ndarray, n_images: int, 
     e = start[groups][g] + j
     a, b = np.asarray(first[groups][g], dtype=np.int64), np.asarray(idx["entry_b"][e], dtype=np.int64)
     ok = present[b]; e, a, b = e[ok], a[ok], b[ok]
-    pairs = np.unique(phrase * n_images + image)                      # (phrase, image), grouped by phrase
+    pairs = np.sort(phrase * n_images + image)                        # (phrase, image), grouped by phrase, once each
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs   # (np.unique hashes: 7x slower here)
     of = pairs // n_images
     a0, b0 = np.searchsorted(of, a), np.searchsorted(of, b)
     na, nb = np.searchsorted(of, a, "right") - a0, np.searchsorted(of, b, "right") - b0
