@@ -462,12 +462,12 @@ def paraphrase_subset(refs: list[list[str]], hyps: list[str], path) -> int:
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
 def meteor_jvms() -> int:
-    "How many JVMs `MeteorRun` starts: one per two CPUs this process may use (a core each, and one for Python), at most 4."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
+    "How many JVMs `MeteorRun` starts: one per CPU this process may use, at most 4."
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 class MeteorRun:
     "METEOR on one caption set, its JVMs started before the captions are ready: `send` them, then wait for `result`."
+    CHUNK = 100                                                      # images per SCORE batch a JVM takes at a time
     def __init__(self, full_table: bool = False, jvms: int | None = None):
         self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-para-")
         n = jvms or meteor_jvms()
@@ -501,19 +501,23 @@ class MeteorRun:
                 if self.fifo: self._write_table(self.jars[k], path, table.getvalue())
                 else: path.write_bytes(table.getvalue()); self.jars.append(MeteorJar(path))
         lines = [_meteor_line(r, h) for r, h in zip(refs, hyps)]
-        cut = [len(lines) * k // len(self.jars) for k in range(len(self.jars) + 1)]
-        self.box = {}
-        def stats(k):
-            try: self.box[k] = self.jars[k].statistics(lines[cut[k]:cut[k + 1]])
+        self.stats, self.box = [None] * len(lines), {}
+        starts, lock = iter(range(0, len(lines), self.CHUNK)), threading.Lock()
+        def feed(jar):                                  # the next chunk to whichever JVM is free: a busy core takes fewer
+            try:
+                while True:
+                    with lock: i = next(starts, None)
+                    if i is None or "error" in self.box: return
+                    self.stats[i:i + self.CHUNK] = jar.statistics(lines[i:i + self.CHUNK])
             except BaseException as e: self.box["error"] = e
-        self.threads = [threading.Thread(target=stats, args=(k,), daemon=True) for k in range(len(self.jars))]
+        self.threads = [threading.Thread(target=feed, args=(jar,), daemon=True) for jar in self.jars]
         for t in self.threads: t.start()
 
     def result(self, per_image: bool = True) -> tuple[float, list[float] | None]:
         "(corpus, per-image or None) METEOR 1.5: the `EVAL` of every image's statistics, whichever JVM computed them."
         for t in self.threads: t.join()
         if "error" in self.box: raise self.box["error"]
-        return self.jars[0].evaluate([s for k in range(len(self.jars)) for s in self.box[k]], per_image)
+        return self.jars[0].evaluate(self.stats, per_image)
 
     def close(self):
         for jar in self.jars:

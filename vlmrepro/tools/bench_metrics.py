@@ -272,7 +272,7 @@ def benchmark_markdown(res: dict) -> str:
             "Produced by `vlmrepro bench --only metrics` (`vlmrepro.tools.bench_metrics.caption_benchmark()`). Speed-ups are "
             "pycocoevalcap's time over ours, measured side by side in the same rounds.\n\n"
             f"One-time METEOR paraphrase index (build, or load when cached): {res['meteor_paraphrase_index_load_or_build_seconds']:.1f} s. "
-            f"Our official path ran METEOR in {res['machine']['meteor_jvms']} JVM(s) (one per two CPUs).\n"
+            f"Our official path ran METEOR in {res['machine']['meteor_jvms']} JVM(s) (one per CPU, each taking the next 100 images when free).\n"
             + ("" if res["machine"]["writes_bytecode"] else
                "Python here writes no bytecode (PYTHONDONTWRITEBYTECODE): each of our processes compiles vlmrepro's modules "
                "(about 20 ms), while pycocoevalcap's and pycocotools' came compiled with their install.\n") + "\n"
