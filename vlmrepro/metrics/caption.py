@@ -473,7 +473,7 @@ class MeteorRun:
         n = jvms or meteor_jvms()
         self.tables = [None] * n if full_table else [Path(self.tmp.name)/f"paraphrase-subset-{k}.gz" for k in range(n)]
         self.fifo = not full_table and hasattr(os, "mkfifo")       # a JVM loads all else, then waits to read its table
-        self.jars, self.threads = [], None
+        self.jars, self.threads, self.done = [], None, False
         try:
             for t in self.tables:
                 if self.fifo: os.mkfifo(t)
@@ -517,11 +517,13 @@ class MeteorRun:
         "(corpus, per-image or None) METEOR 1.5: the `EVAL` of every image's statistics, whichever JVM computed them."
         for t in self.threads: t.join()
         if "error" in self.box: raise self.box["error"]
-        return self.jars[0].evaluate(self.stats, per_image)
+        out = self.jars[0].evaluate(self.stats, per_image)
+        self.done = True
+        return out
 
     def close(self):
         for jar in self.jars:
-            if self.threads is None: jar.proc.kill()                     # still waiting for its table
+            if not self.done: jar.proc.kill()                           # left waiting for its table, or mid-way on an error
             jar.close()
         self.tmp.cleanup()
 
