@@ -6,7 +6,7 @@ import pytest
 
 from vlmrepro.core import VlmreproError
 from vlmrepro.metrics.caption import (FAST_METRICS, OFFICIAL_METRICS, coco_eval_cap_reference, evaluate_captions,
-                                      meteor_normalize, meteor_score, ptb_tokenize, pycocoevalcap_dir)
+                                      meteor_normalize, meteor_normalize_all, meteor_score, ptb_tokenize, pycocoevalcap_dir)
 
 FIXTURE = Path(__file__).parent/"fixtures"/"metrics"/"captions_bound.json"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the official path needs Java")
@@ -216,7 +216,17 @@ def test_meteor_normalize_matches_the_jar(tmp_path):
     assert len(jar) == len(lines)
     bad = [(s, j, meteor_normalize(s)) for s, j in zip(lines, jar) if meteor_normalize(s) != j]
     assert not bad, f"{len(bad)} of {len(lines)} lines differ, e.g. {bad[:3]}"
+    assert meteor_normalize_all(lines) == jar                         # all lines at once, as the paraphrase cut runs it
 
+
+
+@needs_java
+def test_meteor_corpus_score_without_per_image_is_the_same():
+    "Without per-image scores the jar gets the statistics already added up: the same corpus METEOR, perfect matches too."
+    refs = {i: [f"A dog {w} on the grass.", "a dog runs"] for i, w in enumerate(["runs", "sits", "jumps", "sleeps", "naps"])}
+    preds = {0: "a dog runs", 1: "A dog sits on the grass.", 2: "a cat", 3: "grass the on sleeps dog a", 4: "dogs nap on grass"}
+    per = evaluate_captions(refs, preds, per_image=True)
+    assert evaluate_captions(refs, preds)["METEOR"] == per["METEOR"] and per["per_image"]["0"]["METEOR"] > 0.9
 
 @needs_java
 @pytest.mark.slow

@@ -4,10 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #dacf67f1
 from __future__ import annotations
-import contextlib, hashlib, json, os, random, shutil, subprocess, sys, tempfile
+import contextlib, functools, json, os, random, shutil, subprocess, sys, tempfile
 from pathlib import Path
-
-import yaml
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'CORE_PACKAGES', 'VlmreproError', 'check_names', 'seed_everything', 'pick_device', 'pick_precision',
@@ -125,6 +123,7 @@ def read_json(path: str | os.PathLike):
 # %% ../nbs/00_core.ipynb #8345fbc6
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     "Hex SHA-256 of a file's bytes."
+    import hashlib                                            # here: it loads OpenSSL
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk): h.update(block)
@@ -187,15 +186,18 @@ def file_lock(path: str | os.PathLike, wait: bool = True, busy: str | None = Non
         yield path
 
 # %% ../nbs/00_core.ipynb #b5649731
-class _PlainYamlLoader(yaml.SafeLoader):
-    "PyYAML's safe loader without the implicit timestamp type."
-
-_PlainYamlLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+@functools.cache
+def _plain_yaml_loader() -> type:
+    "PyYAML's safe loader without the implicit timestamp type (made on first use: importing yaml takes 10 ms)."
+    import yaml
+    class PlainYamlLoader(yaml.SafeLoader): pass
+    PlainYamlLoader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return PlainYamlLoader
 
 def _yaml_children(node) -> list:
-    if isinstance(node, yaml.SequenceNode): return node.value
-    if isinstance(node, yaml.MappingNode): return [x for kv in node.value for x in kv]
+    if node.id == "sequence": return node.value
+    if node.id == "mapping": return [x for kv in node.value for x in kv]
     return []
 
 def _expanded_size(root, max_nodes: int, max_depth: int, what: str) -> int:
@@ -219,9 +221,10 @@ def _expanded_size(root, max_nodes: int, max_depth: int, what: str) -> int:
 
 def load_yaml(text: str, what: str, max_nodes: int = 10_000, max_depth: int = 100):
     "Parse YAML `text` (named `what` in errors) with bounded alias expansion, depth and size; dates stay strings."
+    import yaml
     loader = None
     try:
-        loader = _PlainYamlLoader(text)                       # its reader refuses control characters
+        loader = _plain_yaml_loader()(text)                   # its reader refuses control characters
         node = loader.get_single_node()
         if node is None: return None
         _expanded_size(node, max_nodes, max_depth, what)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_metrics_caption.ipynb #67941f19
 from __future__ import annotations
-import gzip, importlib.util, math, os, re, shutil, subprocess, tempfile, threading
+import errno, gzip, io, importlib.util, math, os, re, shutil, subprocess, tempfile, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,12 @@ from ..core import VlmreproError, cache_dir, read_json
 # %% auto #0
 __all__ = ['CAPTION_PATHS', 'OFFICIAL_METRICS', 'FAST_METRICS', 'JAVA_UTF8', 'JAVA_QUICK', 'PTB_PUNCTUATIONS', 'MAX_PHRASE',
            'WORD', 'canonical_image_id', 'load_references', 'load_predictions', 'align_captions', 'pycocoevalcap_dir',
-           'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'paraphrase_index', 'meteor_token_ids',
-           'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'meteor_score', 'spice_status',
-           'spice_score', 'encode_tokens', 'encode_token_strings', 'CaptionSet', 'gram_runs', 'clipped_counts',
-           'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores', 'fast_normalized_text', 'fast_token_lists',
-           'fast_tokenize_all', 'fast_tokenize', 'fast_encode', 'evaluate_captions', 'coco_eval_cap_reference']
+           'java_binary', 'ptb_tokenize', 'MeteorJar', 'meteor_normalize', 'meteor_normalize_all', 'paraphrase_index',
+           'meteor_token_ids', 'phrase_occurrences', 'entries_within_images', 'paraphrase_subset', 'meteor_jvms',
+           'MeteorRun', 'meteor_score', 'spice_status', 'spice_score', 'encode_tokens', 'encode_token_strings',
+           'CaptionSet', 'gram_runs', 'clipped_counts', 'cider_terms', 'lcs_length', 'lcs_lengths', 'caption_scores',
+           'fast_normalized_text', 'fast_token_lists', 'fast_tokenize_all', 'fast_tokenize', 'fast_encode',
+           'evaluate_captions', 'coco_eval_cap_reference']
 
 # %% ../../nbs/20_metrics_caption.ipynb #2c6c228e
 CAPTION_PATHS = ("official", "fast")
@@ -55,8 +56,8 @@ def load_references(src, ignore_rejected: bool = True, ignore_precanned: bool = 
             if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
                 raise VlmreproError(f"references: annotation {k} needs 'image_id' and 'caption', got {a!r}")
             if (ignore_rejected and a.get("is_rejected")) or (ignore_precanned and a.get("is_precanned")): continue
-            i = canonical_image_id(a["image_id"])
-            refs.setdefault(i, []).append(_caption(a["caption"], f"references, image {i!r}"))
+            i, c = canonical_image_id(a["image_id"]), a["caption"]
+            refs.setdefault(i, []).append(c if type(c) is str else _caption(c, f"references, image {i!r}"))
     elif isinstance(obj, dict):
         for k, v in obj.items():
             i = canonical_image_id(k)
@@ -89,7 +90,7 @@ def load_predictions(src) -> dict:
     for k, c in items:
         i = canonical_image_id(k)
         if i in preds: raise VlmreproError(f"predictions: image {i!r} has more than one caption; keep one per image")
-        preds[i] = _caption(c, f"predictions, image {i!r}")
+        preds[i] = c if type(c) is str else _caption(c, f"predictions, image {i!r}")
     if not preds: raise VlmreproError("predictions are empty: nothing to evaluate")
     return preds
 
@@ -160,6 +161,16 @@ def _meteor_fields(refs: list[str], hyp: str) -> list[str]:
 def _meteor_line(refs: list[str], hyp: str) -> str:
     return " ||| ".join(["SCORE", *_meteor_fields(refs, hyp)])
 
+def _meteor_total(stats: list[str]) -> str | None:
+    "All segments' statistics as one, added up as the jar's `EVAL` does (`MeteorStats.addStats`); None unless all are counts."
+    rows = [[float(x) for x in s.split()] for s in stats]
+    if any(len(r) != 23 for r in rows) or not all(x.is_integer() for r in rows for x in r): return None
+    total = [sum(c) for c in zip(*rows)]                              # counts: exact sums, whatever the order
+    # lengths at 0 and 1, each stage's matches at 4..19, chunks at 20: the chunks of a segment whose words all matched in
+    # one chunk are left out
+    total[20] = sum(r[20] for r in rows if not (sum(r[4:20:2]) == r[0] and sum(r[5:20:2]) == r[1] and r[20] == 1))
+    return " ".join(f"{x:.1f}" for x in total)
+
 class MeteorJar:
     "A running METEOR 1.5 process (`-stdio -l en -norm`), optionally on another paraphrase table (`-a`)."
     def __init__(self, paraphrase: str | os.PathLike | None = None, memory: str = "2G"):
@@ -174,9 +185,9 @@ class MeteorJar:
         self.err.seek(0); msg = self.err.read().decode(errors="replace")[-800:]
         self.close(); raise VlmreproError(f"METEOR jar failed while {what}: {msg}")
 
-    def score(self, refs: list[list[str]], hyps: list[str]) -> tuple[float, list[float]]:
-        "(corpus METEOR, per-image METEOR) for tokenized references and hypotheses."
-        lines = [_meteor_line(r, h) for r, h in zip(refs, hyps)]
+    def statistics(self, lines: list[str]) -> list[str]:
+        "The jar's statistics for each `SCORE` line, streamed: a writer thread feeds them while this reads."
+        if not lines: return []
         def write():
             try: self.proc.stdin.write(("\n".join(lines) + "\n").encode("utf-8")); self.proc.stdin.flush()
             except (BrokenPipeError, OSError): pass
@@ -184,11 +195,20 @@ class MeteorJar:
         stats = [self.proc.stdout.readline().decode("utf-8").strip() for _ in lines]
         writer.join()
         if any(not s for s in stats): self._fail("computing statistics")
+        return stats
+
+    def evaluate(self, stats: list[str], per_segment: bool = True) -> tuple[float, list[float] | None]:
+        "(corpus METEOR, per-segment METEOR) of statistics lines, from this jar or another: they are plain numbers."
+        if not per_segment and (total := _meteor_total(stats)) is not None: return self.evaluate([total])[0], None
         self.proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8")); self.proc.stdin.flush()
         try:
-            scores = [float(self.proc.stdout.readline()) for _ in lines]
+            scores = [float(self.proc.stdout.readline()) for _ in stats]
             return float(self.proc.stdout.readline()), scores
         except ValueError: self._fail("scoring")
+
+    def score(self, refs: list[list[str]], hyps: list[str]) -> tuple[float, list[float]]:
+        "(corpus METEOR, per-image METEOR) for tokenized references and hypotheses."
+        return self.evaluate(self.statistics([_meteor_line(r, h) for r, h in zip(refs, hyps)]))
 
     def close(self):
         "Stop the JVM and remove its temp dir."
@@ -214,7 +234,7 @@ _M_CONTRACTIONS = [(re.compile(p), rep) for p, rep in (
     (f"([{_ALPHA}])'([^{_ALPHA}])", r"\1 ' \2"), (f"([{_ALPHA}])'([{_ALPHA}])", r"\1 '\2"), (r"([0-9])'(s)", r"\1 '\2"))]
 _M_LETTER = re.compile(f"[{_ALPHA}]")
 _M_TOKENS = re.compile("[ \t\n\r\f]+")                                  # java.util.StringTokenizer's delimiters
-_M_WHITE = re.compile("[ \u2000-\u200a\u202f\u205f\u3000\u00a0]+")
+_M_WHITE = re.compile("[ \u2000-\u200a\u202f\u205f\u3000\u00a0]{2,}|[\u2000-\u200a\u202f\u205f\u3000\u00a0]")   # a lone ' ' stays
 _JAVA_TRIM = "".join(map(chr, range(33)))                             # String.trim() drops every char <= ' '
 _NBP = {}
 
@@ -242,18 +262,40 @@ def _final_periods(tokens: list[str]) -> list[str]:
         out.append(t)
     return out
 
-def meteor_normalize(line: str) -> str:
-    "METEOR 1.5's `-norm` of one English line (Normalizer.normalizeLine keeping punctuation, then lower case)."
-    s = _M_SEPARATE.sub(r" \1 ", f" {line} ")
+def _m_rules(s: str) -> str:
+    "The jar's substitutions before it splits tokens, on text padded with spaces (a rule whose character is absent is skipped)."
+    s = _M_SEPARATE.sub(r" \1 ", s)
     s = _M_MULTI_DOT.sub(r" DOTMULTI\1", s)
     while "DOTMULTI." in s: s = _M_MULTI_DOT2.sub(r"DOTDOTMULTI \1", s).replace("DOTMULTI.", "DOTDOTMULTI")
-    for p in _M_COMMAS: s = p.sub(r"\1 , \2", s)
-    s = _M_QUOTE2.sub(' " ', _M_QUOTE.sub("'", s)).replace("\u2013", "-").replace("--", "-")
-    s = _M_DASH.sub(r"\1 \2", s)
-    for p, rep in _M_CONTRACTIONS: s = p.sub(rep, s)
-    s = " ".join(_final_periods([t for t in _M_TOKENS.split(s) if t])) + " "
+    if "," in s:
+        for p in _M_COMMAS: s = p.sub(r"\1 , \2", s)
+    if "`" in s or "\u2018" in s or "\u2019" in s: s = _M_QUOTE.sub("'", s)
+    if "\u201c" in s or "\u201d" in s or "''" in s: s = _M_QUOTE2.sub(' " ', s)
+    s = s.replace("\u2013", "-").replace("--", "-")
+    if "-" in s: s = _M_DASH.sub(r"\1 \2", s)
+    if "'" in s:
+        for p, rep in _M_CONTRACTIONS: s = p.sub(rep, s)
+    return s
+
+def _m_finish(s: str) -> str:
     while "DOTDOTMULTI" in s: s = s.replace("DOTDOTMULTI", "DOTMULTI.")
-    return _M_WHITE.sub(" ", s.replace("DOTMULTI", ".")).strip(_JAVA_TRIM).lower()
+    return _M_WHITE.sub(" ", s.replace("DOTMULTI", "."))
+
+def meteor_normalize(line: str) -> str:
+    "METEOR 1.5's `-norm` of one English line (Normalizer.normalizeLine keeping punctuation, then lower case)."
+    s = " ".join(_final_periods([t for t in _M_TOKENS.split(_m_rules(f" {line} ")) if t])) + " "
+    return _m_finish(s).strip(_JAVA_TRIM).lower()
+
+_M_SPACES = re.compile("[ \t\r\f]{2,}|[\t\r\f]")                      # runs of _M_TOKENS but the line break, to one ' '
+
+def meteor_normalize_all(lines: list[str]) -> list[str]:
+    "`meteor_normalize` of every line, each rule run once over all of them (`_final_periods` line by line, where a '.' is)."
+    text = " " + " \n ".join(lines) + " "                            # padded: no rule reaches from one line into the next
+    if not lines or text.count("\n") != len(lines) - 1: return [meteor_normalize(s) for s in lines]
+    parts = _m_rules(text).split("\n")
+    for k, p in enumerate(parts):
+        if "." in p: parts[k] = " ".join(_final_periods([t for t in _M_TOKENS.split(p) if t])) + " "
+    return [p.strip(_JAVA_TRIM) for p in _m_finish(_M_SPACES.sub(" ", "\n".join(parts))).lower().split("\n")]
 
 # %% ../../nbs/20_metrics_caption.ipynb #01c13259
 _PARA_FILES = ("text", "offsets", "prefix_hash", "prefix_phrase", "entry_b", "group_start", "group_phrase", "word_count")
@@ -346,7 +388,8 @@ def _ragged(counts) -> tuple[np.ndarray, np.ndarray]:
 
 def meteor_token_ids(lines: list[str], vocab: dict) -> np.ndarray:
     "Every line's METEOR tokens as ids in `vocab` (-1: not in it), lines separated by -2."
-    norm = [s if _PLAIN_LINE.fullmatch(s) else meteor_normalize(s) for s in lines]
+    norm, odd = list(lines), [k for k, s in enumerate(lines) if not _PLAIN_LINE.fullmatch(s)]
+    for k, s in zip(odd, meteor_normalize_all([lines[k] for k in odd])): norm[k] = s
     words = " \n ".join(norm).split(" ")
     ids = dict.fromkeys(words)
     for w in ids: ids[w] = vocab.get(w, -1)
@@ -385,7 +428,8 @@ def entries_within_images(phrase: np.ndarray, image: np.ndarray, n_images: int, 
     e = start[groups][g] + j
     a, b = np.asarray(first[groups][g], dtype=np.int64), np.asarray(idx["entry_b"][e], dtype=np.int64)
     ok = present[b]; e, a, b = e[ok], a[ok], b[ok]
-    pairs = np.unique(phrase * n_images + image)                      # (phrase, image), grouped by phrase
+    pairs = np.sort(phrase * n_images + image)                        # (phrase, image), grouped by phrase, once each
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs   # (np.unique hashes: 7x slower here)
     of = pairs // n_images
     a0, b0 = np.searchsorted(of, a), np.searchsorted(of, b)
     na, nb = np.searchsorted(of, a, "right") - a0, np.searchsorted(of, b, "right") - b0
@@ -397,8 +441,8 @@ def entries_within_images(phrase: np.ndarray, image: np.ndarray, n_images: int, 
     keep = np.zeros(len(e), dtype=bool); keep[cand[found]] = True
     return e[keep]
 
-def _write_entries(entries: np.ndarray, idx: dict, path: str | os.PathLike) -> int:
-    "Write table `entries` (sorted), byte for byte, to the gzip file `path`; return how many."
+def _write_entries(entries: np.ndarray, idx: dict, path) -> int:
+    "Write table `entries` (sorted), byte for byte, to the gzip file `path` (or binary file object); return how many."
     off, text = idx["offsets"], idx["text"]
     if len(entries):
         cut = np.flatnonzero(np.r_[True, entries[1:] != entries[:-1] + 1])    # runs of consecutive entries
@@ -408,8 +452,8 @@ def _write_entries(entries: np.ndarray, idx: dict, path: str | os.PathLike) -> i
         for a, b in zip(np.asarray(off[first]).tolist(), np.asarray(off[last + 1]).tolist()): f.write(text[a:b])
     return len(entries)
 
-def paraphrase_subset(refs: list[list[str]], hyps: list[str], path: str | os.PathLike) -> int:
-    "Write the paraphrase entries that can fire for these tokenized captions to gzip `path`; return how many."
+def paraphrase_subset(refs: list[list[str]], hyps: list[str], path) -> int:
+    "Write the paraphrase entries that can fire for these tokenized captions to gzip `path` (or binary file object); return how many."
     idx = paraphrase_index()
     fields = [_meteor_fields(r, h) for r, h in zip(refs, hyps)]
     image = np.repeat(np.arange(len(fields)), [len(f) for f in fields])
@@ -417,16 +461,80 @@ def paraphrase_subset(refs: list[list[str]], hyps: list[str], path: str | os.Pat
     return _write_entries(entries_within_images(phrase, image[line], len(fields), idx), idx, path)
 
 # %% ../../nbs/20_metrics_caption.ipynb #ca150f1c
+def meteor_jvms() -> int:
+    "How many JVMs `MeteorRun` starts: one per CPU this process may use, at most 4."
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+class MeteorRun:
+    "METEOR on one caption set, its JVMs started before the captions are ready: `send` them, then wait for `result`."
+    CHUNK = 100                                                      # images per SCORE batch a JVM takes at a time
+    def __init__(self, full_table: bool = False, jvms: int | None = None):
+        self.tmp = tempfile.TemporaryDirectory(prefix="vlmrepro-para-")
+        n = jvms or meteor_jvms()
+        self.tables = [None] * n if full_table else [Path(self.tmp.name)/f"paraphrase-subset-{k}.gz" for k in range(n)]
+        self.fifo = not full_table and hasattr(os, "mkfifo")       # a JVM loads all else, then waits to read its table
+        self.jars, self.threads, self.done = [], None, False
+        try:
+            for t in self.tables:
+                if self.fifo: os.mkfifo(t)
+                if self.fifo or full_table: self.jars.append(MeteorJar(t))
+        except BaseException: self.close(); raise
+
+    def _write_table(self, jar: MeteorJar, path: Path, data: bytes):
+        "Write `data` into the FIFO `path` once `jar` has opened it to read (it reads its other resources until then)."
+        while True:
+            try: fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK); break
+            except OSError as e:
+                if e.errno != errno.ENXIO: raise
+            if jar.proc.poll() is not None: jar._fail("starting")
+            time.sleep(0.005)
+        os.set_blocking(fd, True)
+        try:
+            with open(fd, "wb") as f: f.write(data)
+        except BrokenPipeError: jar._fail("reading its paraphrase table")
+
+    def send(self, refs: list[list[str]], hyps: list[str]):
+        "Hand the JVMs the paraphrase entries these tokenized captions can fire, then let each score its share of the images."
+        if self.tables[0] is not None:
+            table = io.BytesIO(); paraphrase_subset(refs, hyps, table)
+            for k, path in enumerate(self.tables):
+                if self.fifo: self._write_table(self.jars[k], path, table.getvalue())
+                else: path.write_bytes(table.getvalue()); self.jars.append(MeteorJar(path))
+        lines = [_meteor_line(r, h) for r, h in zip(refs, hyps)]
+        self.stats, self.box = [None] * len(lines), {}
+        starts, lock = iter(range(0, len(lines), self.CHUNK)), threading.Lock()
+        def feed(jar):                                  # the next chunk to whichever JVM is free: a busy core takes fewer
+            try:
+                while True:
+                    with lock: i = next(starts, None)
+                    if i is None or "error" in self.box: return
+                    self.stats[i:i + self.CHUNK] = jar.statistics(lines[i:i + self.CHUNK])
+            except BaseException as e: self.box["error"] = e
+        self.threads = [threading.Thread(target=feed, args=(jar,), daemon=True) for jar in self.jars]
+        for t in self.threads: t.start()
+
+    def result(self, per_image: bool = True) -> tuple[float, list[float] | None]:
+        "(corpus, per-image or None) METEOR 1.5: the `EVAL` of every image's statistics, whichever JVM computed them."
+        for t in self.threads: t.join()
+        if "error" in self.box: raise self.box["error"]
+        out = self.jars[0].evaluate(self.stats, per_image)
+        self.done = True
+        return out
+
+    def close(self):
+        for jar in self.jars:
+            if not self.done: jar.proc.kill()                           # left waiting for its table, or mid-way on an error
+            jar.close()
+        self.tmp.cleanup()
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 def meteor_score(refs: list[list[str]], hyps: list[str], full_table: bool = False) -> tuple[float, list[float]]:
     "(corpus, per-image) METEOR 1.5 of tokenized hypotheses against tokenized references."
-    with tempfile.TemporaryDirectory(prefix="vlmrepro-para-") as d:
-        table = None
-        if not full_table:
-            table = Path(d)/"paraphrase-subset.gz"
-            paraphrase_subset(refs, hyps, table)
-        jar = MeteorJar(table)
-        try: return jar.score(refs, hyps)
-        finally: jar.close()
+    with MeteorRun(full_table) as run:
+        run.send(refs, hyps)
+        return run.result()
 
 # %% ../../nbs/20_metrics_caption.ipynb #7f21ed93
 def spice_status() -> tuple[bool, str]:
@@ -466,26 +574,26 @@ def encode_tokens(token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray,
 
 _LINE_BREAK = "\x00"                                          # not whitespace for str.split, unlike \x1c-\x1f
 
-def _word_ids(lines: list[str], lower: bool = False) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    "(id of every whitespace-separated word, its line, {word: id}), or None if a line holds the break marker."
+def _word_ids(lines: list[str], lower: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    "(id of every whitespace-separated word, its line, the words in id order), or None if a line holds the break marker."
     text = f" {_LINE_BREAK} ".join(lines)
     if text.count(_LINE_BREAK) != max(len(lines) - 1, 0): return None
     if lower: text = text.lower()
     words = text.split()
-    ids = dict.fromkeys(words); ids.pop(_LINE_BREAK, None)
-    for k, w in enumerate(ids): ids[w] = k
-    ids[_LINE_BREAK] = -1
-    occ = np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
-    brk = occ < 0
-    del ids[_LINE_BREAK]
-    return occ[~brk], np.cumsum(brk)[~brk], ids
+    first = {_LINE_BREAK: -1}                                       # word -> where it first occurs: one pass in C
+    at = np.fromiter(map(first.setdefault, words, range(len(words))), dtype=np.int64, count=len(words))
+    del first[_LINE_BREAK]
+    brk = at < 0
+    rank = np.zeros(len(words), dtype=np.int64)
+    rank[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = np.arange(len(first))
+    return rank[at[~brk]], np.cumsum(brk)[~brk], list(first)
 
 def encode_token_strings(lines: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     "`encode_tokens` for sentences given as strings of space-separated tokens."
     got = _word_ids(lines)
     if got is None: return encode_tokens([s.split() for s in lines])
-    occ, line, ids = got
-    return occ, np.bincount(line, minlength=len(lines)).astype(np.int64), len(ids)
+    occ, line, words = got
+    return occ, np.bincount(line, minlength=len(lines)).astype(np.int64), len(words)
 
 # %% ../../nbs/20_metrics_caption.ipynb #3f4be0c2
 class CaptionSet:
@@ -507,24 +615,26 @@ class CaptionSet:
 
 # %% ../../nbs/20_metrics_caption.ipynb #51863f46
 def _sorted_grams(code: np.ndarray, at: np.ndarray, T: int, V: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    "`code` and `at` sorted by code, then position: one radix pass for unigrams, else one sort of packed int64 keys."
+    "`code` and `at` sorted by code, then position (`at` comes grouped by (n-1)-gram, in position order within each group)."
     if n == 1 and V <= 1 << 16:
         o = np.argsort(code.astype(np.uint16), kind="stable"); return code[o], at[o]
     b = max(int(T).bit_length(), 1)
-    if len(code) and int(code.max()) < 1 << (62 - b):
-        key = np.sort((code << b) | at); return key >> b, key & ((1 << b) - 1)
+    if len(code) and int(code.max()) < 1 << (62 - b):                # timsort (numpy's stable sort) uses the grouping
+        key = np.sort((code << b) | at, kind="stable"); return key >> b, key & ((1 << b) - 1)
     o = np.argsort(code, kind="stable"); return code[o], at[o]
 
 def gram_runs(cs: CaptionSet, n: int, prev: dict | None) -> dict | None:
     "Every n-gram occurrence grouped by gram, then sentence: runs (one gram in one sentence) and blocks (in one image)."
-    at = np.flatnonzero(cs.left >= n)                                # where an n-gram starts
-    if not len(at): return None
-    lone = np.zeros(0, np.int64)
-    if n == 1: code, at = _sorted_grams(cs.tok[at], at, cs.T, cs.V, 1)
-    else:                                                             # an n-gram holding an (n-1)-gram that occurs once is unique
-        p = prev["ids"][at]; once = (prev["count"][p] == 1) | (prev["count"][prev["ids"][at + 1]] == 1)
-        lone, at = at[once], at[~once]
-        code, at = _sorted_grams(p[~once] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
+    if cs.lens.max(initial=0) < n: return None
+    if n == 1:
+        lone = np.zeros(0, np.int64)
+        code, at = _sorted_grams(cs.tok, np.arange(cs.T), cs.T, cs.V, 1)
+    else:                       # where an n-gram starts, in the (n-1)-grams' order; one holding an (n-1)-gram that occurs once is unique
+        at = prev["at"][cs.left[prev["at"]] >= n]
+        once = prev["count"][prev["ids"][at + 1]] == 1
+        lone = np.concatenate([prev["lone"][cs.left[prev["lone"]] >= n], at[once]])
+        at = at[~once]
+        code, at = _sorted_grams(prev["ids"][at] * cs.V + cs.tok[at + n - 1], at, cs.T, cs.V, n)
     new_gram = np.r_[True, code[1:] != code[:-1]] if len(code) else np.zeros(0, bool)
     gram = np.cumsum(new_gram) - 1
     G = int(gram[-1]) + 1 if len(gram) else 0
@@ -551,19 +661,19 @@ def clipped_counts(cs: CaptionSet, r: dict) -> np.ndarray:
     h = np.flatnonzero(r["hyp"])
     return np.bincount(r["img"][h], np.minimum(r["tf"][h], ref_max[r["block"][h]]), minlength=cs.N).astype(np.int64)
 
-def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4):
+def _bleu(correct, hyp_lens, ref_lens, ref_img, N, n=4, per_image=True):
     guess = np.maximum(0, hyp_lens[:, None] - np.arange(n)[None, :])
     BIG = 1 << 32
     dist = np.abs(ref_lens - hyp_lens[ref_img]) * BIG + ref_lens
     cut = np.flatnonzero(np.r_[True, ref_img[1:] != ref_img[:-1]])
     reflen = np.minimum.reduceat(dist, cut) % BIG
     small, tiny = 1e-9, 1e-15
-    per, bleu = [], np.ones(N)
-    for j in range(n):
+    per, bleu = [None] * n, np.ones(N)
+    for j in range(n if per_image else 0):                           # Python's scalar ** and exp, as pycocoevalcap's
         bleu = bleu * ((correct[:, j].astype(np.float64) + tiny) / (guess[:, j].astype(np.float64) + small))
-        per.append([b ** (1. / (j + 1)) for b in bleu.tolist()])
+        per[j] = [b ** (1. / (j + 1)) for b in bleu.tolist()]
     ratio = (hyp_lens + tiny) / (reflen + small)
-    for i in np.flatnonzero(ratio < 1).tolist():
+    for i in np.flatnonzero(ratio < 1).tolist() if per_image else ():
         pen = math.exp(1 - 1 / float(ratio[i]))
         for j in range(n): per[j][i] *= pen
     tot_test, tot_ref = int(hyp_lens.sum()), int(reflen.sum())
@@ -594,11 +704,12 @@ def cider_terms(cs: CaptionSet, r: dict) -> tuple[np.ndarray, np.ndarray]:
     once = 1.0 * idf[r["G"]]
     sq = np.zeros(cs.T); sq[r["first"]] = w * w; sq[r["lone"]] = once * once
     norm2 = np.bincount(cs.sent, sq, minlength=cs.S)
-    ref = np.flatnonzero(~r["hyp"] & has_hyp[r["block"]])
-    h = last[r["block"][ref]]
+    blocks = np.flatnonzero(has_hyp & (last > bs))                    # the hypothesis' grams that a reference has too,
+    blocks = blocks[np.argsort(r["first"][last[blocks]])]             # in the hypothesis' order
+    pair, j = _ragged(last[blocks] - bs[blocks])                      # each with each of its reference runs
+    h, ref = last[blocks][pair], bs[blocks][pair] + j
     term = np.minimum(w[h], w[ref]) * w[ref]
-    o = np.argsort(r["s"][ref] * cs.T + r["first"][h])
-    dot = np.bincount(cs.ref_row[r["s"][ref][o]], term[o], minlength=cs.R)
+    dot = np.bincount(cs.ref_row[r["s"][ref]], term, minlength=cs.R)
     return norm2, dot
 
 def _cider(cs: CaptionSet, norm2: np.ndarray, dot: np.ndarray, n=4, sigma=6.0):
@@ -684,12 +795,13 @@ def _rouge(cs: CaptionSet, lcs: np.ndarray, beta=1.2):
     return np.mean(scores), scores
 
 # %% ../../nbs/20_metrics_caption.ipynb #013b342c
-def caption_scores(refs: list[list[str]], hyps: list[str]) -> dict:
-    "BLEU-1..4, ROUGE-L and CIDEr-D (corpus value, per-image array) of tokenized hypotheses vs tokenized references."
+def caption_scores(refs: list[list[str]], hyps: list[str], per_image: bool = True) -> dict:
+    "BLEU-1..4, ROUGE-L and CIDEr-D (corpus value, per-image array; BLEU's None unless `per_image`) of tokenized hypotheses vs references."
     if any(len(r) == 0 for r in refs): raise VlmreproError("every image needs at least one reference caption")
-    return _scores_from_encoded([len(r) for r in refs], *encode_token_strings([s for r in refs for s in r] + list(hyps)))
+    return _scores_from_encoded([len(r) for r in refs], *encode_token_strings([s for r in refs for s in r] + list(hyps)),
+                                per_image=per_image)
 
-def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4) -> dict:
+def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, V: int, n: int = 4, per_image: bool = True) -> dict:
     if len(n_refs) == 0: raise VlmreproError("no captions to score")
     cs = CaptionSet(n_refs, flat, lens, V)
     correct = np.zeros((cs.N, n), dtype=np.int64); norm2 = np.zeros((cs.S, n)); dot = np.zeros((cs.R, n))
@@ -701,10 +813,10 @@ def _scores_from_encoded(n_refs: list[int], flat: np.ndarray, lens: np.ndarray, 
         correct[:, k - 1] = clipped_counts(cs, r)
         norm2[:, k - 1], dot[:, k - 1] = cider_terms(cs, r)
         prev = r
-    bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n)
+    bleus, bleu_per = _bleu(correct, cs.hyp_lens, cs.ref_lens, cs.ref_img, cs.N, n, per_image)
     cider, cider_per = _cider(cs, norm2, dot, n)
     rouge, rouge_per = _rouge(cs, lcs_lengths(cs, r1))
-    out = {f"Bleu_{j + 1}": (bleus[j], np.array(bleu_per[j])) for j in range(n)}
+    out = {f"Bleu_{j + 1}": (bleus[j], None if bleu_per[j] is None else np.array(bleu_per[j])) for j in range(n)}
     out["ROUGE_L"] = (rouge, rouge_per); out["CIDEr"] = (cider, cider_per)
     return out
 
@@ -745,15 +857,20 @@ def fast_tokenize(sentence: str) -> str:
     return fast_tokenize_all([sentence])[0]
 
 def fast_encode(sentences: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    "The fast tokenizer's tokens of every sentence as ids (`encode_tokens`), normalising each distinct word once."
+    "The fast tokenizer's tokens of every sentence as ids below V (`encode_tokens`'s layout), normalising each distinct word once."
     got = _word_ids(sentences, lower=True)
     if got is None: return encode_tokens(fast_token_lists(sentences))
     occ, line, words = got
-    tok, word, vocab = _word_ids(fast_normalized_text(list(words)).split("\n"))   # each distinct word's tokens: 0, 1, more
-    counts = np.bincount(word, minlength=len(words))
+    odd = [k for k, w in enumerate(words) if not w.isalnum()]       # a word of letters and digits is its own token
+    toks = fast_token_lists([words[k] for k in odd])                # the others': 0, 1 or more tokens
+    vocab = dict(zip(words, range(len(words))))
+    counts = np.ones(len(words), dtype=np.int64); counts[odd] = [len(t) for t in toks]
+    table = np.repeat(np.arange(len(words)), counts)                 # every word's token ids, word after word
+    seg, k = _ragged(counts[odd])
+    table[_offsets(counts)[odd][seg] + k] = [vocab.setdefault(t, len(vocab)) for ts in toks for t in ts]
     n = counts[occ]
     seg, k = _ragged(n)
-    flat = tok[_offsets(counts)[occ][seg] + k]
+    flat = table[_offsets(counts)[occ][seg] + k]
     return flat, np.bincount(line, weights=n, minlength=len(sentences)).astype(np.int64), len(vocab)
 
 # %% ../../nbs/20_metrics_caption.ipynb #3c54c398
@@ -764,26 +881,16 @@ def evaluate_captions(references, predictions, fast: bool = False, spice: bool =
     preds = load_predictions(predictions)
     ids = align_captions(refs_all, preds, subset=subset)
     raw_refs, raw_hyps = [refs_all[i] for i in ids], [preds[i] for i in ids]
-    if fast:
-        encoded = fast_encode([c for rs in raw_refs for c in rs] + raw_hyps)
-        meteor = None
+    flat = [c for rs in raw_refs for c in rs] + raw_hyps
+    if fast: scores = _scores_from_encoded([len(r) for r in raw_refs], *fast_encode(flat), per_image=per_image)
     else:
-        flat = [c for rs in raw_refs for c in rs] + raw_hyps
-        toks = ptb_tokenize(flat)
-        it = iter(toks); refs = [[next(it) for _ in rs] for rs in raw_refs]; hyps = list(it)
-        box = {}
-        def run_meteor():
-            try: box["meteor"] = meteor_score(refs, hyps)
-            except BaseException as e: box["error"] = e
-        meteor = threading.Thread(target=run_meteor, daemon=True); meteor.start()
-    scores = _scores_from_encoded([len(r) for r in raw_refs], *encoded) if fast else caption_scores(refs, hyps)
-    out = {m: float(v[0]) for m, v in scores.items()}
+        with MeteorRun() as meteor:                                   # its JVM starts while PTB tokenizes
+            it = iter(ptb_tokenize(flat)); refs = [[next(it) for _ in rs] for rs in raw_refs]; hyps = list(it)
+            meteor.send(refs, hyps)
+            scores = caption_scores(refs, hyps, per_image=per_image)   # here, while METEOR scores on the other core
+            scores["METEOR"] = meteor.result(per_image)
+    out = {m: float(scores[m][0]) for m in OFFICIAL_METRICS if m in scores}
     per = {m: v[1] for m, v in scores.items()}
-    if meteor is not None:
-        meteor.join()
-        if "error" in box: raise box["error"]
-        out["METEOR"], per["METEOR"] = box["meteor"][0], box["meteor"][1]
-    out = {m: out[m] for m in OFFICIAL_METRICS if m in out}
     if spice:
         ok, why = spice_status()
         if fast or not ok: out["SPICE"] = None; out["SPICE_unavailable"] = "SPICE runs only on the official path" if fast else why

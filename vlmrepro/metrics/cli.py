@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..core import VlmreproError, ensure_writable_dir, read_json, write_json
 from .caption import evaluate_captions
-from .vqa import evaluate_vqa
 
 # %% auto #0
 __all__ = ['evaluate_caption_files', 'evaluate_vqa_files']
@@ -34,7 +33,8 @@ def _doc(path, what: str):
     data = read_json(path)
     if not isinstance(data, (dict, list)):
         raise VlmreproError(f"{path}: the {what} file must hold a JSON object or list, got {type(data).__name__}")
-    if bad := _bad_text(data):
+    raw = Path(path).read_bytes()      # a lone surrogate can only come from a '\ud8..'-'\udf..' escape: UTF-8 cannot encode one
+    if (b"\\ud" in raw or b"\\uD" in raw) and (bad := _bad_text(data)):
         raise VlmreproError(f"{path}: {bad[0]} is not valid Unicode text ({bad[1]!r} holds a lone surrogate, from a '\\ud...' "
                             f"escape); fix the text in the {what} file")
     return data
@@ -59,4 +59,5 @@ def evaluate_caption_files(pred: str | os.PathLike, gt: str | os.PathLike, fast:
 def evaluate_vqa_files(pred: str | os.PathLike, questions: str | os.PathLike, annotations: str | os.PathLike,
                        subset: bool = False) -> dict:
     "Official VQA accuracy of the predictions file `pred` against VQA v2 questions and annotations files."
+    from vlmrepro.metrics.vqa import evaluate_vqa                  # here: `eval captions` need not load it
     return evaluate_vqa(_doc(pred, "predictions"), _doc(annotations, "annotations"), _doc(questions, "questions"), subset=subset)

@@ -8,7 +8,8 @@ import bisect, contextlib, io, itertools, json, os, platform, random, subprocess
 from pathlib import Path
 
 from ..core import VlmreproError, atomic_write, package_versions, write_json
-from ..metrics.caption import FAST_METRICS, OFFICIAL_METRICS, caption_scores, coco_eval_cap_reference, evaluate_captions
+from ..metrics.caption import (FAST_METRICS, OFFICIAL_METRICS, caption_scores, coco_eval_cap_reference, evaluate_captions,
+                                      meteor_jvms)
 
 # %% auto #0
 __all__ = ['BASELINE_SCRIPT', 'CAPTION_SETS', 'synthetic_captions', 'english_vocabulary', 'realistic_captions',
@@ -160,12 +161,12 @@ def write_caption_files(refs: dict, preds: dict, d: Path) -> tuple[Path, Path]:
     write_json(d/"gt.json", gt); write_json(d/"pred.json", [{"image_id": i, "caption": preds[i]} for i in refs])
     return d/"gt.json", d/"pred.json"
 
-def _command(cmd: list[str]):
-    "A contender that runs `cmd` in a fresh process and returns the JSON of its last stdout line."
+def _command(cmd: list[str], output: bool = True):
+    "A contender that runs `cmd` in a fresh process and returns the JSON of its last stdout line (if `output`)."
     def run():
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if r.returncode: raise VlmreproError(f"{' '.join(cmd)} failed (exit {r.returncode}): {r.stderr[-500:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return json.loads(r.stdout.strip().splitlines()[-1]) if output else None
     return run
 
 # %% ../../nbs/93_bench_metrics.ipynb #9f61c2d8
@@ -195,7 +196,7 @@ def _whole_process(refs: dict, preds: dict, repeats: int) -> tuple[dict, dict]:
         cli = [*ours, "eval", "captions", "--gt", str(gt), "--pred", str(pred)]
         return _rounds(repeats, {"pycocoevalcap": _command(script + ["official"]), "official": _command(cli),
                                  "pycocoevalcap_three": _command(script + ["three"]), "fast": _command(cli + ["--fast"]),
-                                 "startup": _command([sys.executable, "-c", "import json, vlmrepro.metrics.cli; print(json.dumps({}))"])})
+                                 "startup": _command([*ours, "eval", "--help"], output=False)})   # start-up and imports alone
 
 def _ratios(s: dict) -> dict:
     return {"official": s["pycocoevalcap"] / s["official"], "fast": s["pycocoevalcap_three"] / s["fast"]}
@@ -232,7 +233,8 @@ def caption_benchmark(out_dir: str | Path | None = "results/benchmarks", n_image
         refs, preds = CAPTION_SETS[name](n_images, n_refs, seed)
         results[name] = benchmark_set(refs, preds, repeats, whole_process)
     res = {"what": f"{n_images} images x {n_refs} references per caption set (seed {seed})",
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "meteor_jvms": meteor_jvms(),
+                       "writes_bytecode": not sys.dont_write_bytecode,
                        "note": f"shared machine; best of {repeats} rounds each; load average {load_before[0]:.1f} before, "
                                f"{os.getloadavg()[0]:.1f} after"},
            "versions": package_versions(("pycocoevalcap", "numpy", "vlmrepro")),
@@ -258,7 +260,7 @@ def _set_markdown(name: str, r: dict) -> str:
                  f"| whole process | `vlmrepro eval captions` (identical: {r['whole_process_official_identical']}) | {w['official']:.2f} | {wp['official']:.1f}x |",
                  f"| whole process | pycocotools + PTB + BLEU + ROUGE-L + CIDEr-D script | {w['pycocoevalcap_three']:.2f} | |",
                  f"| whole process | `vlmrepro eval captions --fast` | {w['fast']:.3f} | {wp['fast']:.1f}x |",
-                 f"| whole process | of which: Python start-up and `import vlmrepro.metrics.cli` | {w['startup']:.3f} | |"]
+                 f"| whole process | of which: start-up and imports, to the arguments parsed (`vlmrepro eval --help`) | {w['startup']:.3f} | |"]
     metrics = "\n".join(f"| {m} | {100 * r['scores']['pycocoevalcap'][m]:.4f} | {100 * r['scores']['official'][m]:.4f} | "
                         + (f"{100 * r['scores']['fast'][m]:.4f}" if m in r["scores"]["fast"] else "—") + " |" for m in OFFICIAL_METRICS)
     return (f"## {name}\n\n| how | run | seconds | speed-up |\n|---|---|---|---|\n" + "\n".join(rows)
@@ -269,5 +271,9 @@ def benchmark_markdown(res: dict) -> str:
     return (f"# Caption metrics benchmark\n\n{res['what']}; {res['machine']['cpus']} CPUs ({res['machine']['note']}).\n"
             "Produced by `vlmrepro bench --only metrics` (`vlmrepro.tools.bench_metrics.caption_benchmark()`). Speed-ups are "
             "pycocoevalcap's time over ours, measured side by side in the same rounds.\n\n"
-            f"One-time METEOR paraphrase index (build, or load when cached): {res['meteor_paraphrase_index_load_or_build_seconds']:.1f} s.\n\n"
+            f"One-time METEOR paraphrase index (build, or load when cached): {res['meteor_paraphrase_index_load_or_build_seconds']:.1f} s. "
+            f"Our official path ran METEOR in {res['machine']['meteor_jvms']} JVM(s) (one per CPU, each taking the next 100 images when free).\n"
+            + ("" if res["machine"]["writes_bytecode"] else
+               "Python here writes no bytecode (PYTHONDONTWRITEBYTECODE): each of our processes compiles vlmrepro's modules "
+               "(about 20 ms), while pycocoevalcap's and pycocotools' came compiled with their install.\n") + "\n"
             + "\n".join(_set_markdown(name, r) for name, r in res["sets"].items()))
